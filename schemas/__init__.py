@@ -1,0 +1,20 @@
+"""The job and tenant models: the contract between ERP modules and postbote."""
+
+from schemas.job import Attachment, Body, Document, DocumentType, Job
+from schemas.tenant import Dkim, Employee, Group, Senders, Series, Smtp, Tenant, TenantFile
+
+__all__ = [
+    "Attachment",
+    "Body",
+    "Dkim",
+    "Document",
+    "DocumentType",
+    "Employee",
+    "Group",
+    "Job",
+    "Senders",
+    "Series",
+    "Smtp",
+    "Tenant",
+    "TenantFile",
+]

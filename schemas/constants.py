@@ -1,0 +1,41 @@
+"""Names shared by the producer, the workers and operators' tooling."""
+
+DOCUMENTS_QUEUE = "documents"
+RECEIPTS_QUEUE = "receipts"
+
+SEND_DOCUMENT_ACTOR = "send_document"
+SEND_RECEIPT_ACTOR = "send_receipt"
+
+DOCUMENT_HEADER = "X-Postbote-Document"
+JOB_HEADER = "X-Postbote-Job"
+
+DEFAULT_MAX_JOB_BYTES = 20 * 1024 * 1024
+
+METRIC_MAILS_SENT = "postbote_mails_sent_total"
+METRIC_MAILS_FAILED = "postbote_mails_failed_total"
+METRIC_SMTP_SEND_SECONDS = "postbote_smtp_send_seconds"
+METRIC_DKIM_SIGN_SECONDS = "postbote_dkim_sign_seconds"
+METRIC_RATELIMIT_WAIT_SECONDS = "postbote_ratelimit_wait_seconds"
+METRIC_QUEUE_MESSAGES = "postbote_queue_messages"
+
+
+def queue_name(prefix: str, lane: str) -> str:
+    """The RabbitMQ queue of a lane (``documents`` or ``receipts``) under a prefix."""
+    return f"{prefix}.{lane}" if prefix else lane
+
+
+def lane_of(doc_type: str) -> str:
+    """Receipts have their own lane so they never wait behind a bulk run."""
+    return RECEIPTS_QUEUE if doc_type == "receipt" else DOCUMENTS_QUEUE
+
+
+def actor_of(lane: str) -> str:
+    return SEND_RECEIPT_ACTOR if lane == RECEIPTS_QUEUE else SEND_DOCUMENT_ACTOR
+
+
+METRIC_QUEUE_OLDEST_AGE_SECONDS = "postbote_queue_oldest_age_seconds"
+METRIC_DUPLICATES_PREVENTED = "postbote_duplicates_prevented_total"
+METRIC_POSSIBLE_DUPLICATES = "postbote_possible_duplicates_total"
+METRIC_RETRIES = "postbote_retries_total"
+METRIC_DEAD_LETTERED = "postbote_dead_lettered_total"
+METRIC_SMTP_CONNECTIONS_OPENED = "postbote_smtp_connections_opened_total"

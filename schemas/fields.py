@@ -1,0 +1,40 @@
+"""Field types shared by the job and tenant models."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import AfterValidator, Field
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _no_control_characters(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain line breaks or control characters")
+    return value
+
+
+def _address(value: str) -> str:
+    _no_control_characters(value)
+    if value != value.strip():
+        raise ValueError("must not have leading or trailing spaces")
+    try:
+        checked = validate_email(value, check_deliverability=False, allow_smtputf8=True)
+    except EmailNotValidError as e:
+        raise ValueError(f"{value!r} is not a valid e-mail address: {e}") from None
+    return checked.normalized
+
+
+HeaderText = Annotated[str, AfterValidator(_no_control_characters)]
+"""Text that ends up in a mail header: no CR, LF or other control characters."""
+
+Address = Annotated[str, Field(max_length=254), AfterValidator(_address)]
+"""A bare e-mail address (``local@domain``); no display names, comments or lists."""
+
+Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")]
+"""An id of a tenant, employee or group as the ERP knows it."""
+
+__all__ = ["Address", "HeaderText", "Identifier"]

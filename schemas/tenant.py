@@ -1,0 +1,121 @@
+"""The tenant file: one SMTP account with the settings page's rules, its groups and employees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from schemas.fields import Address, HeaderText, Identifier
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Smtp(_Model):
+    host: Annotated[HeaderText, Field(min_length=1, max_length=253)]
+    port: Annotated[int, Field(ge=1, le=65535)] = 587
+    security: Literal["starttls", "ssl", "none"] = "starttls"
+    user: HeaderText | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    auth: Literal["password", "xoauth2"] = "password"
+    token_file: Path | None = None
+    token_command: str | None = None
+    helo: Annotated[HeaderText, Field(min_length=1, max_length=253)] | None = None
+    max_connections: Annotated[int, Field(ge=1, le=20)] = 3
+    max_messages_per_connection: Annotated[int, Field(ge=1)] = 100
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> Smtp:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give either password or password_file, not both")
+        if self.auth == "xoauth2":
+            if self.user is None:
+                raise ValueError("auth xoauth2 needs user")
+            if (self.token_file is None) == (self.token_command is None):
+                raise ValueError("auth xoauth2 needs exactly one of token_file or token_command")
+        return self
+
+
+class Series(_Model):
+    batch_size: Annotated[int, Field(ge=1, le=100000)] = 50
+    pause_ms: Annotated[int, Field(ge=0, le=3600000)] = 1000
+
+
+class Senders(_Model):
+    offer: Address | None = None
+    order: Address | None = None
+    invoice: Address | None = None
+    receipt: Address | None = None
+
+
+class Dkim(_Model):
+    domain: Annotated[HeaderText, Field(min_length=1, max_length=253)]
+    selector: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=63)]
+    private_key: SecretStr | None = None
+    private_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Dkim:
+        if (self.private_key is None) == (self.private_key_file is None):
+            raise ValueError("give exactly one of private_key or private_key_file")
+        return self
+
+
+class Group(_Model):
+    id: Identifier
+    name: HeaderText | None = None
+    senders: list[Address] = []
+
+
+class Employee(_Model):
+    id: Identifier
+    email: Address
+    name: HeaderText | None = None
+    group: Identifier | None = None
+    signature_text: str | None = None
+    signature_html: str | None = None
+    senders: list[Address] = []
+
+
+class Tenant(_Model):
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")]
+    smtp: Smtp
+    series: Series = Series()
+    archive_bcc: Address | None = None
+    senders: Senders = Senders()
+    use_user_mail_data: bool = False
+    cc_clerk: bool = False
+    dkim: Dkim | None = None
+    groups: list[Group] = []
+    employees: list[Employee] = []
+
+    @model_validator(mode="after")
+    def _references(self) -> Tenant:
+        groups = [g.id for g in self.groups]
+        if len(set(groups)) != len(groups):
+            raise ValueError("group ids must be unique")
+        employees = [e.id for e in self.employees]
+        if len(set(employees)) != len(employees):
+            raise ValueError("employee ids must be unique")
+        for e in self.employees:
+            if e.group is not None and e.group not in groups:
+                raise ValueError(f"employee {e.id!r} names group {e.group!r}, which is not defined")
+        return self
+
+
+class TenantFile(_Model):
+    tenants: list[Tenant]
+
+    @model_validator(mode="after")
+    def _unique(self) -> TenantFile:
+        ids = [t.id for t in self.tenants]
+        if len(set(ids)) != len(ids):
+            raise ValueError("tenant ids must be unique")
+        return self
+
+
+__all__ = ["Dkim", "Employee", "Group", "Senders", "Series", "Smtp", "Tenant", "TenantFile"]

@@ -1,0 +1,34 @@
+"""The one settings object, read from ``POSTBOTE_*`` environment variables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.constants import DEFAULT_MAX_JOB_BYTES
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Built once by the CLI and passed to whoever needs it."""
+
+    model_config = SettingsConfigDict(env_prefix="POSTBOTE_", extra="ignore")
+
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postbote"
+    metrics_port: int = 9191
+    queue_prefix: str = Field("postbote", pattern=r"^[A-Za-z0-9_.-]*$")
+    log_format: Literal["text", "json"] = "text"
+
+    max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
+    settings_cache_ms: int = Field(5000, ge=0)
+    smtp_timeout_ms: int = Field(30000, gt=0)
+
+    max_attempts: int = Field(8, ge=1)
+    min_backoff_ms: int = Field(5000, gt=0)
+    max_backoff_ms: int = Field(300000, gt=0)
+    max_age_ms: int = Field(24 * 3600 * 1000, gt=0)
+
+
+__all__ = ["Settings"]
