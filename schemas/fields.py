@@ -31,7 +31,9 @@ def _address(value: str) -> str:
 HeaderText = Annotated[str, AfterValidator(_no_control_characters)]
 """Text that ends up in a mail header: no CR, LF or other control characters."""
 
-Address = Annotated[str, Field(max_length=254), AfterValidator(_address)]
+Address = Annotated[
+    str, Field(max_length=254, json_schema_extra={"format": "email"}), AfterValidator(_address)
+]
 """A bare e-mail address (``local@domain``); no display names, comments or lists."""
 
 Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")]

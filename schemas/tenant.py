@@ -25,6 +25,7 @@ class Smtp(_Model):
     token_file: Path | None = None
     token_command: str | None = None
     helo: Annotated[HeaderText, Field(min_length=1, max_length=253)] | None = None
+    ca_file: Path | None = None
     max_connections: Annotated[int, Field(ge=1, le=20)] = 3
     max_messages_per_connection: Annotated[int, Field(ge=1)] = 100
 

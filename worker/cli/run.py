@@ -1,5 +1,48 @@
-"""placeholder"""
+"""``postbote worker`` and ``postbote check``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from worker.cli.output import fail
+from worker.logs import configure_logging
+from worker.probes import check_broker, check_database
+from worker.settings import Settings
 
 
-def register(subparsers):
-    pass
+def register(subparsers: Any) -> None:
+    worker = subparsers.add_parser("worker", help="run the workers and their metrics endpoint")
+    worker.add_argument("--processes", type=_positive, default=2, help="worker processes (default 2)")
+    worker.add_argument("--threads", type=_positive, default=8, help="bulk threads per process (default 8)")
+    worker.add_argument(
+        "--receipt-threads", type=_positive, default=2, help="receipt-lane threads per process (default 2)"
+    )
+    worker.set_defaults(func=run_worker)
+    check = subparsers.add_parser("check", help="exit 0 when broker and database are reachable")
+    check.set_defaults(func=run_check)
+
+
+def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.supervisor import supervise
+
+    configure_logging(settings.log_format)
+    return supervise(
+        settings, processes=args.processes, threads=args.threads, receipt_threads=args.receipt_threads
+    )
+
+
+def run_check(args: argparse.Namespace, settings: Settings) -> int:
+    problems = [p for p in (check_broker(settings.broker_url), check_database(settings.database_url)) if p]
+    for problem in problems:
+        fail(problem)
+    if not problems:
+        print("broker and database reachable")
+    return 1 if problems else 0
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number

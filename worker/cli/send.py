@@ -1,5 +1,51 @@
-"""placeholder"""
+"""``postbote send [FILE|-]``: validate, publish, print one job id per line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from producer import PublishError, parse_jobs, publish
+from worker.cli.output import fail
+from worker.settings import Settings
 
 
-def register(subparsers):
-    pass
+def register(subparsers: Any) -> None:
+    send = subparsers.add_parser(
+        "send",
+        help="validate and publish jobs (one JSON object, or JSON lines)",
+        description="Validates every job first; publishes nothing if any line is invalid (exit 2). "
+        "Prints one job id per line once the broker confirmed each job.",
+    )
+    send.add_argument("file", nargs="?", default="-", help="file with the job(s); '-' or absent: stdin")
+    send.set_defaults(func=run_send)
+
+
+def run_send(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        if args.file == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as e:
+        return fail(f"cannot read {args.file}: {e.strerror}", code=2)
+    except UnicodeDecodeError:
+        return fail(f"{args.file} is not UTF-8 text", code=2)
+    jobs, errors = parse_jobs(text, max_job_bytes=settings.max_job_bytes)
+    if errors:
+        for error in errors[:20]:
+            print(f"postbote: invalid job: {error}", file=sys.stderr)
+        if len(errors) > 20:
+            print(f"postbote: … and {len(errors) - 20} more errors", file=sys.stderr)
+        return fail("nothing was published", code=2)
+    try:
+        ids = publish(jobs, broker_url=settings.broker_url, queue_prefix=settings.queue_prefix)
+    except PublishError as e:
+        for job_id in e.confirmed:
+            print(job_id)
+        return fail(f"{e}; {len(e.confirmed)} job(s) confirmed (printed above), the rest were not")
+    for job_id in ids:
+        print(job_id)
+    return 0

@@ -1,0 +1,44 @@
+# postbote — the two commands a user needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install services test-tools demo test lint typecheck schemas bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@bash .ci/services --python
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+services:
+	@bash .ci/services
+
+test-tools:
+	@bash .ci/services --test-tools
+
+demo: install services
+	$(VENV)/bin/postbote demo
+
+test: install services test-tools
+	$(PY) -m pytest
+
+lint:
+	$(VENV)/bin/ruff check schemas producer worker tests bench
+	$(VENV)/bin/ruff format --check schemas producer worker tests bench
+
+typecheck:
+	$(VENV)/bin/mypy
+
+schemas: install
+	$(PY) -m schemas.export
+
+bench: install services
+	$(PY) bench/series.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

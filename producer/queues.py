@@ -1,0 +1,24 @@
+"""Queue declarations shared with the workers: dramatiq's layout of work queue, ``.DQ`` delay, ``.XQ`` dead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pika.adapters.blocking_connection import BlockingChannel
+
+DEAD_MESSAGE_TTL_MS = 86400000 * 7
+
+
+def queue_arguments(queue: str) -> dict[str, Any]:
+    """The arguments dramatiq declares a work (or delay) queue with; every publisher must use the same."""
+    return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{queue}.XQ"}
+
+
+def declare_queues(channel: BlockingChannel, queue: str) -> None:
+    """Declare the work queue with its delay and dead-letter queues exactly as dramatiq does."""
+    channel.queue_declare(queue=queue, durable=True, arguments=queue_arguments(queue))
+    channel.queue_declare(queue=f"{queue}.DQ", durable=True, arguments=queue_arguments(queue))
+    channel.queue_declare(queue=f"{queue}.XQ", durable=True, arguments={"x-message-ttl": DEAD_MESSAGE_TTL_MS})
+
+
+__all__ = ["DEAD_MESSAGE_TTL_MS", "declare_queues", "queue_arguments"]

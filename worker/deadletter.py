@@ -1,0 +1,60 @@
+"""The dead-letter store: dead jobs with their final reason, kept in PostgreSQL until purged."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from worker.db import Connection, translated_errors
+
+
+@dataclass(frozen=True)
+class DeadJob:
+    id: str
+    queue_name: str
+    reason: str
+    detail: str
+    attempts: int
+    job_id: UUID | None = None
+    tenant: str | None = None
+    doc_type: str | None = None
+    doc_number: str | None = None
+    smtp_reply: str | None = None
+    message: dict[str, Any] | None = None
+    """The broker message as it was first published, for replay."""
+    raw_body: bytes | None = None
+    """The undecodable body, when the message was not even JSON."""
+
+
+def store_dead_job(conn: Connection, dead: DeadJob) -> None:
+    """Record a dead job (idempotent: a second record of the same id replaces the first)."""
+    with translated_errors():
+        conn.execute(
+            """
+            INSERT INTO dead_letters (id, job_id, tenant_id, doc_type, doc_number, reason, detail, attempts,
+                                      smtp_reply, queue_name, message, raw_body)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason, detail = EXCLUDED.detail,
+                attempts = EXCLUDED.attempts, smtp_reply = EXCLUDED.smtp_reply, dead_at = now()
+            """,
+            (
+                dead.id,
+                dead.job_id,
+                dead.tenant,
+                dead.doc_type,
+                dead.doc_number,
+                dead.reason,
+                dead.detail,
+                dead.attempts,
+                dead.smtp_reply,
+                dead.queue_name,
+                json.dumps(dead.message) if dead.message is not None else None,
+                dead.raw_body,
+            ),
+        )
+        conn.commit()
+
+
+__all__ = ["DeadJob", "store_dead_job"]

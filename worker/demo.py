@@ -1,0 +1,242 @@
+"""``postbote demo``: two tenants, a realistic batch of documents, workers and the SMTP sink, a summary."""
+
+from __future__ import annotations
+
+import email
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from email import policy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from producer import parse_jobs, publish
+from worker.db import connect, ensure_database, upgrade
+from worker.documents import make_job
+from worker.probes import check_broker, check_database
+from worker.settings import Settings
+from worker.sink import Sink, free_port, read_index
+from worker.tenant_apply import apply_tenants, read_tenant_file
+
+
+@dataclass(frozen=True)
+class Expectation:
+    job: dict[str, Any]
+    outcome: str
+    """``sent`` or the failure reason the rules must produce."""
+
+
+def demo_tenants(smtp_port: int) -> dict[str, Any]:
+    smtp = {"host": "127.0.0.1", "port": smtp_port, "security": "none", "helo": "demo.postbote.test"}
+    return {
+        "tenants": [
+            {
+                "id": "acme",
+                "smtp": smtp,
+                "series": {"batch_size": 50, "pause_ms": 200},
+                "archive_bcc": "archiv@acme.example",
+                "senders": {"offer": "angebote@acme.example", "invoice": "rechnung@acme.example"},
+                "use_user_mail_data": True,
+                "cc_clerk": True,
+                "groups": [
+                    {"id": "sales", "name": "Vertrieb", "senders": ["angebote@acme.example"]},
+                    {"id": "accounting", "name": "Buchhaltung", "senders": ["rechnung@acme.example"]},
+                ],
+                "employees": [
+                    {
+                        "id": "u1",
+                        "email": "anna@acme.example",
+                        "name": "Anna Berg",
+                        "group": "sales",
+                        "signature_text": "Anna Berg\nVertrieb\nACME GmbH",
+                    },
+                    {
+                        "id": "u2",
+                        "email": "ben@acme.example",
+                        "name": "Ben Kurz",
+                        "group": "accounting",
+                        "signature_text": "Ben Kurz\nBuchhaltung\nACME GmbH",
+                    },
+                    {
+                        "id": "u3",
+                        "email": "carla@acme.example",
+                        "name": "Carla Neu",
+                        "signature_text": "Carla Neu\nACME GmbH",
+                    },
+                ],
+            },
+            {
+                "id": "bistro",
+                "smtp": smtp,
+                "series": {"batch_size": 20, "pause_ms": 100},
+                "archive_bcc": "belege@bistro.example",
+                "use_user_mail_data": True,
+                "employees": [
+                    {
+                        "id": "k1",
+                        "email": "kasse1@bistro.example",
+                        "name": "Kasse 1",
+                        "signature_text": "Bistro am Markt\nMarktplatz 1",
+                    },
+                ],
+            },
+        ]
+    }
+
+
+def demo_jobs(count: int) -> list[Expectation]:
+    """Invoices, offers, dunning letters and receipts, and one sender the rules refuse."""
+    expectations = []
+    for n in range(count):
+        kind = n % 6
+        customer = f"kunde{n:04d}@example.com"
+        if kind in (0, 1, 2):
+            job = make_job("acme", "invoice", n, user_id="u2", clerk_id="u1", to=customer)
+        elif kind == 3:
+            job = make_job("acme", "offer", n, user_id="u1", to=customer)
+        elif kind == 4:
+            job = make_job("acme", "dunning", n, user_id="u2", to=customer)
+        else:
+            job = make_job("bistro", "receipt", n, user_id="k1", to=customer)
+        expectations.append(Expectation(job, "sent"))
+    refused = make_job("acme", "invoice", count, user_id="u3", to="kunde-x@example.com")
+    expectations.append(Expectation(refused, "sender_not_permitted"))
+    return expectations
+
+
+def run_demo(settings: Settings, *, count: int, processes: int, threads: int, workdir: Path) -> int:
+    say = print
+    for problem in (check_broker(settings.broker_url), _database_problem(settings)):
+        if problem:
+            say(f"postbote demo: {problem}", file=sys.stderr)
+            return 1
+    with connect(settings.database_url) as conn:
+        upgrade(conn)
+    run_dir = workdir / time.strftime("%Y%m%d-%H%M%S")
+    sink = Sink(run_dir / "maildir")
+    say(f"SMTP sink listening on 127.0.0.1:{sink.port}, storing mail in {sink.handler.maildir}")
+    tenant_path = run_dir / "tenants.yaml"
+    tenant_path.write_text(yaml.safe_dump(demo_tenants(sink.port), allow_unicode=True, sort_keys=False))
+    with connect(settings.database_url) as conn:
+        for change in apply_tenants(conn, read_tenant_file(tenant_path)):
+            say(f"tenant {change.tenant}: {change.action}")
+    env = {
+        **os.environ,
+        "POSTBOTE_METRICS_PORT": str(free_port()),
+        "POSTBOTE_QUEUE_PREFIX": settings.queue_prefix,
+        "POSTBOTE_DATABASE_URL": settings.database_url,
+        "POSTBOTE_BROKER_URL": settings.broker_url,
+    }
+    log = (run_dir / "worker.log").open("w")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker", "worker", "--processes", str(processes), "--threads", str(threads)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        return _publish_and_watch(settings, sink, run_dir, count, say)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        log.close()
+        sink.stop()
+
+
+def _publish_and_watch(settings: Settings, sink: Sink, run_dir: Path, count: int, say: Any) -> int:
+    expectations = demo_jobs(count)
+    import json
+
+    jobs, errors = parse_jobs("\n".join(json.dumps(e.job) for e in expectations))
+    assert not errors, errors
+    started = time.monotonic()
+    ids = publish(jobs, broker_url=settings.broker_url, queue_prefix=settings.queue_prefix)
+    say(f"published {len(ids)} documents ({Counter(e.job['document']['type'] for e in expectations)})")
+    final: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + max(120, count)
+    while time.monotonic() < deadline:
+        with connect(settings.database_url) as conn:
+            rows = conn.execute(
+                "SELECT job_id::text, status, reason, detail FROM deliveries"
+                " WHERE job_id = ANY(%s::uuid[]) AND status IN ('sent', 'partial', 'failed')",
+                ([str(i) for i in ids],),
+            ).fetchall()
+        final = {str(r["job_id"]): r for r in rows}
+        sys.stdout.write(
+            f"\r  {len(final)}/{len(ids)} done, {len(read_index(sink.handler.maildir))} mails received"
+        )
+        sys.stdout.flush()
+        if len(final) == len(ids):
+            break
+        time.sleep(0.5)
+    elapsed = time.monotonic() - started
+    say("")
+    return _summary(expectations, final, sink.handler.maildir, elapsed, run_dir, say)
+
+
+def _summary(
+    expectations: list[Expectation],
+    final: dict[str, dict[str, Any]],
+    maildir: Path,
+    elapsed: float,
+    run_dir: Path,
+    say: Any,
+) -> int:
+    received: dict[str, list[str]] = {}
+    for record in read_index(maildir):
+        with (maildir / record["file"]).open("rb") as f:
+            message = email.message_from_binary_file(f, policy=policy.default)
+        received.setdefault(str(message["X-Postbote-Job"]), []).extend(record["rcpt_tos"])
+    problems = []
+    outcomes: Counter[str] = Counter()
+    for e in expectations:
+        job_id = e.job["job_id"]
+        row = final.get(job_id)
+        outcome = (
+            "missing" if row is None else ("sent" if row["status"] in ("sent", "partial") else row["reason"])
+        )
+        outcomes[outcome] += 1
+        if outcome != e.outcome:
+            problems.append(f"{e.job['document']['number']}: expected {e.outcome}, got {outcome}")
+        elif outcome == "sent" and not set(e.job["to"]) <= set(received.get(job_id, [])):
+            problems.append(f"{e.job['document']['number']}: marked sent but not received by the sink")
+    sent = outcomes["sent"]
+    say("\nSummary")
+    say(f"  sent:     {sent} mails in {elapsed:.1f} s ({sent / elapsed:.1f} mails/s)")
+    for reason, n in sorted(outcomes.items()):
+        if reason != "sent":
+            say(f"  failed:   {n} × {reason}")
+    for e in expectations:
+        row = final.get(e.job["job_id"])
+        if row and row["status"] == "failed":
+            say(f"            {e.job['document']['number']}: {row['detail']}")
+            say(f"            see: postbote status {e.job['job_id']}")
+    say(f"  mail:     {maildir} ({len(list(maildir.glob('*.eml')))} messages, archive copies included)")
+    say(f"  worker log: {run_dir / 'worker.log'}")
+    if problems:
+        say("\nNot as expected:")
+        for p in problems[:20]:
+            say(f"  {p}")
+        return 1
+    say("\nEvery expected mail arrived; the refused sender was refused.")
+    return 0
+
+
+def _database_problem(settings: Settings) -> str | None:
+    try:
+        ensure_database(settings.database_url)
+    except Exception as e:  # noqa: BLE001
+        return str(e)
+    return check_database(settings.database_url)
+
+
+__all__ = ["demo_jobs", "demo_tenants", "run_demo"]

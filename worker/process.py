@@ -1,0 +1,52 @@
+"""One worker process: the pipeline, a bulk lane and a receipts lane, each with its own threads.
+
+Each lane has its own broker connection set and dramatiq ``Worker``, so receipts
+never wait for a thread busy with a dunning run.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from dramatiq import Worker
+from dramatiq.middleware import CurrentMessage
+
+from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE
+from worker.actors import Pipeline, register_actor
+from worker.broker import make_broker
+from worker.logs import configure_logging
+from worker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def run_worker_process(settings_data: dict[str, Any], threads: int, receipt_threads: int) -> None:
+    """Entry point of a spawned worker process; returns after SIGTERM once in-flight jobs are done."""
+    settings = Settings.model_validate(settings_data)
+    configure_logging(settings.log_format)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    pipeline = Pipeline(settings)
+    lanes = []
+    for lane, count in ((DOCUMENTS_QUEUE, threads), (RECEIPTS_QUEUE, receipt_threads)):
+        broker = make_broker(settings, extra=[CurrentMessage()])
+        queue = register_actor(broker, pipeline, settings.queue_prefix, lane)
+        worker = Worker(broker, queues={queue}, worker_threads=count, worker_timeout=100)
+        worker.start()
+        lanes.append((broker, worker))
+    logger.info("worker process ready: %d bulk threads, %d receipt threads", threads, receipt_threads)
+    stop.wait()
+    logger.info("stopping: finishing in-flight jobs, handing back prefetched ones")
+    for _, worker in lanes:
+        worker.stop(timeout=settings.shutdown_grace_ms)
+    for broker, _ in lanes:
+        broker.close()
+    pipeline.close()
+
+
+__all__ = ["run_worker_process"]

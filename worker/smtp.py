@@ -1,0 +1,301 @@
+"""Send over SMTP with pooled, authenticated connections; smtplib errors are classified here.
+
+2xx is success; 4xx, 421, timeouts and lost connections are transient; 5xx is
+permanent. The code, the enhanced status code (RFC 3463) and the text are kept.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from schemas.tenant import Smtp
+from worker.compose import Composed
+from worker.errors import ConfigurationError, SmtpConnectionError, SmtpRejected, SmtpTemporaryFailure
+
+_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s*")
+_IDLE_CLOSE_S = 30.0
+
+
+@dataclass(frozen=True)
+class SmtpReply:
+    code: int
+    enhanced: str | None
+    text: str
+
+    @classmethod
+    def parse(cls, code: int, message: bytes | str) -> SmtpReply:
+        text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+        text = " ".join(text.split())
+        match = _ENHANCED.match(text)
+        return cls(code, match.group(1) if match else None, text[match.end() :] if match else text)
+
+    def __str__(self) -> str:
+        return " ".join(p for p in (str(self.code), self.enhanced, self.text) if p)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the server said: the accepted envelope recipients, the refused ones and the final reply."""
+
+    accepted: tuple[str, ...]
+    refused: dict[str, SmtpReply]
+    reply: SmtpReply
+    tls_version: str | None = None
+    auth_method: str | None = None
+
+
+@dataclass
+class _Connection:
+    client: smtplib.SMTP
+    sent: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    tls_version: str | None = None
+    auth_method: str | None = None
+
+
+class SmtpPool:
+    """Reusable SMTP connections, a small pool per tenant in this worker process.
+
+    At most ``max_connections`` connections per tenant are open at once (callers
+    wait for a free one); a connection is closed after ``max_messages_per_connection``
+    messages, after a 421, after an error, and when idle too long.
+    """
+
+    def __init__(self, *, timeout_ms: int, on_connect: Callable[[str], None] | None = None) -> None:
+        self._timeout_s = timeout_ms / 1000
+        self._on_connect = on_connect
+        self._lock = threading.Lock()
+        self._idle: dict[str, list[_Connection]] = {}
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
+
+    def deliver(self, tenant_id: str, smtp: Smtp, message: Composed) -> Delivery:
+        """Send one message to its envelope recipients; raises a classified ``PostboteError``."""
+        with self._connection(tenant_id, smtp) as conn:
+            return _transact(conn, message)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                _quit(conn.client)
+
+    @contextmanager
+    def _connection(self, tenant_id: str, smtp: Smtp) -> Iterator[_Connection]:
+        with self._lock:
+            slots = self._slots.setdefault(tenant_id, threading.BoundedSemaphore(smtp.max_connections))
+        if not slots.acquire(timeout=self._timeout_s * 2):
+            raise SmtpConnectionError(f"no free SMTP connection for tenant {tenant_id!r}")
+        try:
+            conn = self._take_idle(tenant_id) or self._open(tenant_id, smtp)
+            try:
+                yield conn
+            except BaseException:
+                _quit(conn.client)
+                raise
+            conn.sent += 1
+            conn.last_used = time.monotonic()
+            if conn.sent >= smtp.max_messages_per_connection:
+                _quit(conn.client)
+            else:
+                with self._lock:
+                    self._idle.setdefault(tenant_id, []).append(conn)
+        finally:
+            slots.release()
+
+    def _take_idle(self, tenant_id: str) -> _Connection | None:
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                idle = self._idle.get(tenant_id)
+                if not idle:
+                    return None
+                conn = idle.pop()
+            if now - conn.last_used < _IDLE_CLOSE_S:
+                return conn
+            _quit(conn.client)
+
+    def _open(self, tenant_id: str, smtp: Smtp) -> _Connection:
+        conn = open_connection(smtp, timeout_s=self._timeout_s)
+        if self._on_connect is not None:
+            self._on_connect(tenant_id)
+        return conn
+
+
+def open_connection(smtp: Smtp, *, timeout_s: float) -> _Connection:
+    """Connect, say EHLO, secure the link as configured and log in.
+
+    TLS always verifies the certificate; ``security: none`` is the only plaintext mode.
+    A failed verification ends the attempt before anything else is said.
+    """
+    context = ssl.create_default_context(cafile=str(smtp.ca_file) if smtp.ca_file else None)
+    local_hostname = smtp.helo or socket.getfqdn()
+    try:
+        client: smtplib.SMTP
+        if smtp.security == "ssl":
+            client = smtplib.SMTP_SSL(
+                smtp.host, smtp.port, local_hostname=local_hostname, timeout=timeout_s, context=context
+            )
+        else:
+            client = smtplib.SMTP(smtp.host, smtp.port, local_hostname=local_hostname, timeout=timeout_s)
+        try:
+            client.ehlo()
+            if smtp.security == "starttls":
+                if not client.has_extn("starttls"):
+                    raise SmtpRejected(
+                        f"{smtp.host}:{smtp.port} does not offer STARTTLS", reason="starttls_unavailable"
+                    )
+                client.starttls(context=context)
+                client.ehlo()
+            conn = _Connection(client)
+            if isinstance(client.sock, ssl.SSLSocket):
+                conn.tls_version = client.sock.version()
+            conn.auth_method = _login(client, smtp)
+            return conn
+        except BaseException:
+            _quit(client)
+            raise
+    except ssl.SSLCertVerificationError as e:
+        raise SmtpRejected(
+            f"TLS certificate of {smtp.host} does not verify: {e.verify_message}", reason="tls_verify_failed"
+        ) from e
+    except smtplib.SMTPAuthenticationError as e:
+        reply = SmtpReply.parse(e.smtp_code, e.smtp_error)
+        if 400 <= e.smtp_code < 500:
+            raise SmtpTemporaryFailure(f"login failed: {reply}", smtp_reply=str(reply)) from e
+        raise SmtpRejected(f"login failed: {reply}", reason="smtp_auth_failed", smtp_reply=str(reply)) from e
+    except smtplib.SMTPResponseException as e:
+        raise _classify(SmtpReply.parse(e.smtp_code, e.smtp_error), "connect") from e
+    except (OSError, smtplib.SMTPException) as e:
+        raise SmtpConnectionError(
+            f"cannot talk to {smtp.host}:{smtp.port}: {e or type(e).__name__}", reason="smtp_connection"
+        ) from e
+
+
+def _login(client: smtplib.SMTP, smtp: Smtp) -> str | None:
+    if smtp.user is None:
+        return None
+    if smtp.auth == "xoauth2":
+        token = _oauth_token(smtp)
+        raw = f"user={smtp.user}\x01auth=Bearer {token}\x01\x01"
+        client.auth(
+            "XOAUTH2", lambda challenge=None: raw if challenge is None else "", initial_response_ok=True
+        )
+        return "XOAUTH2"
+    client.login(smtp.user, _password(smtp))
+    return "PLAIN/LOGIN"
+
+
+def _password(smtp: Smtp) -> str:
+    if smtp.password is not None:
+        return smtp.password.get_secret_value()
+    if smtp.password_file is not None:
+        try:
+            return smtp.password_file.read_text().strip()
+        except OSError as e:
+            raise ConfigurationError(f"cannot read password_file {smtp.password_file}: {e.strerror}") from e
+    raise ConfigurationError("SMTP user is set but neither password nor password_file")
+
+
+def _oauth_token(smtp: Smtp) -> str:
+    try:
+        if smtp.token_file is not None:
+            token = smtp.token_file.read_text().strip()
+        else:
+            assert smtp.token_command is not None
+            done = subprocess.run(
+                smtp.token_command, shell=True, capture_output=True, text=True, timeout=30, check=True
+            )
+            token = done.stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        raise SmtpConnectionError(f"cannot obtain the OAuth2 token: {type(e).__name__}") from e
+    if not token:
+        raise SmtpConnectionError("the OAuth2 token source gave an empty token")
+    return token
+
+
+def _transact(conn: _Connection, message: Composed) -> Delivery:
+    """MAIL, RCPT, DATA; a 452 for too many recipients continues in a further transaction."""
+    client = conn.client
+    options = ["SMTPUTF8"] if message.smtputf8 else []
+    if message.smtputf8 and not client.has_extn("smtputf8"):
+        raise SmtpRejected(
+            "an address has a non-ASCII local part and the server does not offer SMTPUTF8",
+            reason="smtputf8_unsupported",
+        )
+    if "size" in client.esmtp_features:
+        options.append(f"SIZE={len(message.data)}")
+    pending = list(message.recipients)
+    accepted: list[str] = []
+    refused: dict[str, SmtpReply] = {}
+    reply: SmtpReply | None = None
+    try:
+        while pending:
+            if accepted or refused:
+                client.rset()
+            _expect(client.mail(message.mail_from, options), "MAIL FROM", client)
+            batch: list[str] = []
+            while pending:
+                rcpt = pending[0]
+                answer = SmtpReply.parse(*client.rcpt(rcpt))
+                if answer.code == 452 and batch:
+                    break
+                pending.pop(0)
+                if answer.code in (250, 251):
+                    batch.append(rcpt)
+                elif answer.code == 421:
+                    raise _classify(answer, "RCPT TO")
+                else:
+                    refused[rcpt] = answer
+            if not batch:
+                continue
+            code, text = client.data(message.data)
+            reply = _expect((code, text), "DATA", client)
+            accepted.extend(batch)
+    except smtplib.SMTPResponseException as e:
+        raise _classify(SmtpReply.parse(e.smtp_code, e.smtp_error), "DATA") from e
+    except (OSError, smtplib.SMTPException) as e:
+        raise SmtpConnectionError(f"connection lost: {e or type(e).__name__}") from e
+    if reply is None:
+        transient = [r for r in refused.values() if r.code < 500]
+        worst = transient[0] if transient else next(iter(refused.values()))
+        summary = "; ".join(f"{a}: {r}" for a, r in refused.items())
+        if transient:
+            raise SmtpTemporaryFailure(f"no recipient accepted: {summary}", smtp_reply=str(worst))
+        raise SmtpRejected(
+            f"every recipient refused: {summary}", reason="recipients_refused", smtp_reply=str(worst)
+        )
+    return Delivery(tuple(accepted), refused, reply, conn.tls_version, conn.auth_method)
+
+
+def _expect(answer: tuple[int, bytes], stage: str, client: smtplib.SMTP) -> SmtpReply:
+    reply = SmtpReply.parse(*answer)
+    if 200 <= reply.code < 300:
+        return reply
+    raise _classify(reply, stage)
+
+
+def _classify(reply: SmtpReply, stage: str) -> SmtpTemporaryFailure | SmtpRejected:
+    text = f"{stage}: {reply}"
+    if reply.code >= 500:
+        return SmtpRejected(text, smtp_reply=str(reply))
+    return SmtpTemporaryFailure(text, smtp_reply=str(reply))
+
+
+def _quit(client: smtplib.SMTP) -> None:
+    try:
+        client.quit()
+    except (OSError, smtplib.SMTPException):
+        client.close()
+
+
+__all__ = ["Delivery", "SmtpPool", "SmtpReply", "open_connection"]

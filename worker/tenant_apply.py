@@ -1,0 +1,173 @@
+"""Load a tenant file (YAML or JSON) into PostgreSQL: one transaction, idempotent upsert."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, SecretStr
+
+from schemas.tenant import Tenant, TenantFile
+from worker.db import Connection, translated_errors
+
+
+@dataclass
+class TenantChange:
+    tenant: str
+    action: str
+    """``created``, ``updated`` or ``unchanged``."""
+    details: list[str] = field(default_factory=list)
+
+
+def read_tenant_file(path: Path) -> TenantFile:
+    """Parse and validate a tenant file; raises ``ValueError`` or pydantic's ``ValidationError``."""
+    text = path.read_text(encoding="utf-8")
+    data: Any = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    return TenantFile.model_validate(data)
+
+
+def apply_tenants(conn: Connection, tenant_file: TenantFile) -> list[TenantChange]:
+    """Upsert every tenant of the file with its groups, employees and grants in one transaction.
+
+    Tenants not named in the file are left as they are. Groups, employees and
+    grants of a named tenant are replaced by the file's.
+    """
+    changes = []
+    with translated_errors(), conn.transaction():
+        for tenant in tenant_file.tenants:
+            before = _snapshot(conn, tenant.id)
+            _write(conn, tenant)
+            after = _snapshot(conn, tenant.id)
+            changes.append(_describe(tenant.id, before, after))
+    return changes
+
+
+def _reveal(model: BaseModel | None) -> dict[str, Any] | None:
+    """The model as JSON data with secrets in clear (they are stored, never printed)."""
+    if model is None:
+        return None
+    data = {}
+    for name, value in model.model_dump(exclude_none=True).items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, dict):
+            value = {
+                k: v.get_secret_value() if isinstance(v, SecretStr) else str(v) if isinstance(v, Path) else v
+                for k, v in value.items()
+            }
+        data[name] = value
+    return data
+
+
+def _write(conn: Connection, t: Tenant) -> None:
+    conn.execute(
+        """
+        INSERT INTO tenants (id, smtp, batch_size, pause_ms, archive_bcc, sender_offer, sender_order,
+                             sender_invoice, sender_receipt, use_user_mail_data, cc_clerk, dkim)
+        VALUES (%(id)s, %(smtp)s, %(batch_size)s, %(pause_ms)s, %(archive_bcc)s, %(offer)s, %(order)s,
+                %(invoice)s, %(receipt)s, %(use_user_mail_data)s, %(cc_clerk)s, %(dkim)s)
+        ON CONFLICT (id) DO UPDATE SET
+            smtp = EXCLUDED.smtp, batch_size = EXCLUDED.batch_size, pause_ms = EXCLUDED.pause_ms,
+            archive_bcc = EXCLUDED.archive_bcc, sender_offer = EXCLUDED.sender_offer,
+            sender_order = EXCLUDED.sender_order, sender_invoice = EXCLUDED.sender_invoice,
+            sender_receipt = EXCLUDED.sender_receipt, use_user_mail_data = EXCLUDED.use_user_mail_data,
+            cc_clerk = EXCLUDED.cc_clerk, dkim = EXCLUDED.dkim, updated_at = now()
+        """,
+        {
+            "id": t.id,
+            "smtp": json.dumps(_reveal(t.smtp)),
+            "batch_size": t.series.batch_size,
+            "pause_ms": t.series.pause_ms,
+            "archive_bcc": t.archive_bcc,
+            "offer": t.senders.offer,
+            "order": t.senders.order,
+            "invoice": t.senders.invoice,
+            "receipt": t.senders.receipt,
+            "use_user_mail_data": t.use_user_mail_data,
+            "cc_clerk": t.cc_clerk,
+            "dkim": json.dumps(_reveal(t.dkim)) if t.dkim else None,
+        },
+    )
+    conn.execute("DELETE FROM employees WHERE tenant_id = %s", (t.id,))
+    conn.execute("DELETE FROM employee_groups WHERE tenant_id = %s", (t.id,))
+    for g in t.groups:
+        conn.execute(
+            "INSERT INTO employee_groups (tenant_id, id, name) VALUES (%s, %s, %s)", (t.id, g.id, g.name)
+        )
+        for address in dict.fromkeys(g.senders):
+            conn.execute(
+                "INSERT INTO group_senders (tenant_id, group_id, address) VALUES (%s, %s, %s)",
+                (t.id, g.id, address),
+            )
+    for e in t.employees:
+        conn.execute(
+            "INSERT INTO employees (tenant_id, id, email, name, group_id, signature_text, signature_html)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (t.id, e.id, e.email, e.name, e.group, e.signature_text, e.signature_html),
+        )
+        for address in dict.fromkeys(e.senders):
+            conn.execute(
+                "INSERT INTO employee_senders (tenant_id, employee_id, address) VALUES (%s, %s, %s)",
+                (t.id, e.id, address),
+            )
+
+
+def _snapshot(conn: Connection, tenant_id: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        "SELECT smtp, batch_size, pause_ms, archive_bcc, sender_offer, sender_order, sender_invoice,"
+        " sender_receipt, use_user_mail_data, cc_clerk, dkim FROM tenants WHERE id = %s",
+        (tenant_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    groups = {
+        str(r["id"]): (r["name"], sorted(r["senders"] or []))
+        for r in conn.execute(
+            "SELECT g.id, g.name, array_remove(array_agg(s.address), NULL) AS senders"
+            " FROM employee_groups g LEFT JOIN group_senders s"
+            " ON s.tenant_id = g.tenant_id AND s.group_id = g.id"
+            " WHERE g.tenant_id = %s GROUP BY g.id, g.name",
+            (tenant_id,),
+        )
+    }
+    employees = {
+        str(r.pop("id")): r
+        for r in conn.execute(
+            "SELECT e.id, e.email, e.name, e.group_id, e.signature_text, e.signature_html,"
+            " array_remove(array_agg(s.address ORDER BY s.address), NULL) AS senders"
+            " FROM employees e LEFT JOIN employee_senders s"
+            " ON s.tenant_id = e.tenant_id AND s.employee_id = e.id"
+            " WHERE e.tenant_id = %s GROUP BY e.tenant_id, e.id",
+            (tenant_id,),
+        )
+    }
+    return {"settings": dict(row), "groups": groups, "employees": employees}
+
+
+def _describe(tenant_id: str, before: dict[str, Any] | None, after: dict[str, Any] | None) -> TenantChange:
+    assert after is not None
+    if before is None:
+        return TenantChange(
+            tenant_id, "created", [f"{len(after['groups'])} groups", f"{len(after['employees'])} employees"]
+        )
+    details = []
+    if before["settings"] != after["settings"]:
+        changed = sorted(k for k in after["settings"] if before["settings"][k] != after["settings"][k])
+        details.append("settings changed: " + ", ".join(changed))
+    for kind in ("groups", "employees"):
+        old, new = before[kind], after[kind]
+        added = sorted(set(new) - set(old))
+        removed = sorted(set(old) - set(new))
+        changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+        for label, ids in (("added", added), ("removed", removed), ("changed", changed)):
+            if ids:
+                details.append(f"{kind} {label}: {', '.join(ids)}")
+    return TenantChange(tenant_id, "updated" if details else "unchanged", details)
+
+
+__all__ = ["TenantChange", "apply_tenants", "read_tenant_file"]
