@@ -85,8 +85,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 class Sink:
     """A running sink; ``stop()`` shuts it down."""
 
-    def __init__(self, maildir: Path, *, host: str = "127.0.0.1", port: int = 0, **smtp_kwargs: Any) -> None:
-        self.handler = RecordingHandler(maildir)
+    def __init__(
+        self,
+        maildir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        handler: RecordingHandler | None = None,
+        **smtp_kwargs: Any,
+    ) -> None:
+        """``handler`` may be a ``RecordingHandler`` subclass that answers differently (faults);
+        ``smtp_kwargs`` go to aiosmtpd's ``SMTP`` (``tls_context``, ``authenticator``, …)."""
+        self.handler = handler or RecordingHandler(maildir)
         self.host = host
         self.port = port or free_port(host)
         self.controller = Controller(
