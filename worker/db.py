@@ -17,7 +17,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from worker.errors import DatabaseUnavailable
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "migrations"
+# deploy/migrations, reached through the worker/migrations link (copied into wheels).
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 Connection = psycopg.Connection[dict[str, Any]]
 
