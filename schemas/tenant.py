@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from schemas.fields import Address, HeaderText, Identifier
 
@@ -53,16 +53,64 @@ class Senders(_Model):
     receipt: Address | None = None
 
 
-class Dkim(_Model):
-    domain: Annotated[HeaderText, Field(min_length=1, max_length=253)]
-    selector: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=63)]
+Selector = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=63)]
+
+
+def _exactly_one_key(private_key: SecretStr | None, private_key_file: Path | None) -> None:
+    if (private_key is None) == (private_key_file is None):
+        raise ValueError("give exactly one of private_key or private_key_file")
+
+
+class DkimKey(_Model):
+    """A further key of the tenant's DKIM domain, published under its own selector.
+
+    The algorithm (rsa-sha256 or ed25519-sha256) follows from the key itself.
+    """
+
+    selector: Selector
     private_key: SecretStr | None = None
     private_key_file: Path | None = None
 
     @model_validator(mode="after")
+    def _one_key(self) -> DkimKey:
+        _exactly_one_key(self.private_key, self.private_key_file)
+        return self
+
+
+class DkimNextKey(DkimKey):
+    """The key that replaces the main one in a rotation.
+
+    Without ``active_from`` it is only staged: ``postbote dkim check`` checks its
+    DNS record, mails are not signed with it. From ``active_from`` on it signs
+    instead of the main key, on every worker at once.
+    """
+
+    active_from: AwareDatetime | None = None
+
+
+class Dkim(_Model):
+    """DKIM signing of the tenant's mails.
+
+    ``selector`` and ``private_key``/``private_key_file`` are the main key;
+    ``extra`` keys add further signatures (say ed25519 next to rsa);
+    ``next`` stages the main key's successor for a rotation.
+    """
+
+    domain: Annotated[HeaderText, Field(min_length=1, max_length=253)]
+    selector: Selector
+    private_key: SecretStr | None = None
+    private_key_file: Path | None = None
+    extra: list[DkimKey] = []
+    next: DkimNextKey | None = None
+
+    @model_validator(mode="after")
     def _one_key(self) -> Dkim:
-        if (self.private_key is None) == (self.private_key_file is None):
-            raise ValueError("give exactly one of private_key or private_key_file")
+        _exactly_one_key(self.private_key, self.private_key_file)
+        selectors = [self.selector, *(k.selector for k in self.extra)]
+        if self.next is not None:
+            selectors.append(self.next.selector)
+        if len(set(selectors)) != len(selectors):
+            raise ValueError("every DKIM key needs its own selector")
         return self
 
 
@@ -119,4 +167,15 @@ class TenantFile(_Model):
         return self
 
 
-__all__ = ["Dkim", "Employee", "Group", "Senders", "Series", "Smtp", "Tenant", "TenantFile"]
+__all__ = [
+    "Dkim",
+    "DkimKey",
+    "DkimNextKey",
+    "Employee",
+    "Group",
+    "Senders",
+    "Series",
+    "Smtp",
+    "Tenant",
+    "TenantFile",
+]
