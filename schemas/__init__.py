@@ -1,12 +1,25 @@
 """The job and tenant models: the contract between ERP modules and postbote."""
 
 from schemas.job import Attachment, Body, Document, DocumentType, Job
-from schemas.tenant import Dkim, Employee, Group, Senders, Series, Smtp, Tenant, TenantFile
+from schemas.tenant import (
+    Dkim,
+    DkimKey,
+    DkimNextKey,
+    Employee,
+    Group,
+    Senders,
+    Series,
+    Smtp,
+    Tenant,
+    TenantFile,
+)
 
 __all__ = [
     "Attachment",
     "Body",
     "Dkim",
+    "DkimKey",
+    "DkimNextKey",
     "Document",
     "DocumentType",
     "Employee",

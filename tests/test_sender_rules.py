@@ -9,12 +9,11 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import RunningWorker, postbote, received_messages, send_jobs, wait_final
 from worker.db import Connection
 from worker.documents import make_job
 from worker.settings import Settings
 from worker.sink import Sink
-
-from tests.conftest import RunningWorker, postbote, received_messages, send_jobs, wait_final
 
 ANNA = {
     "id": "u1",

@@ -11,7 +11,7 @@ import logging
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from uuid import UUID
 
@@ -25,13 +25,14 @@ from worker import metrics
 from worker.compose import compose_message
 from worker.db import make_pool
 from worker.deadletter import DeadJob, store_dead_job
+from worker.dkim import DkimSigner, load_signer, sign_message
 from worker.errors import DatabaseUnavailable, InvalidJob, PermanentError, TransientError
 from worker.ledger import Claim, claim_job, record_failure, record_sent
 from worker.logs import log_outcome
 from worker.senders import copy_recipients, resolve_sender
 from worker.settings import Settings
 from worker.smtp import SmtpPool
-from worker.tenants import AccountCache
+from worker.tenants import Account, AccountCache
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,15 @@ class Pipeline:
             timeout_ms=self.settings.smtp_timeout_ms,
             on_connect=lambda tenant: metrics.SMTP_CONNECTIONS_OPENED.labels(tenant).inc(),
         )
+        self._signers: dict[str, tuple[object, DkimSigner]] = {}
+
+    def _signer(self, account: Account) -> DkimSigner:
+        """The tenant's signer, rebuilt whenever the settings cache hands out a newly read account."""
+        cached = self._signers.get(account.id)
+        if cached is None or cached[0] is not account.dkim:
+            assert account.dkim is not None
+            cached = self._signers[account.id] = (account.dkim, load_signer(account.dkim))
+        return cached[1]
 
     def close(self) -> None:
         self.smtp.close()
@@ -100,6 +110,10 @@ class Pipeline:
         sender = resolve_sender(job, account)
         cc, blind = copy_recipients(job, account)
         message = compose_message(job, sender, cc, blind)
+        if account.dkim is not None:
+            signing_started = time.monotonic()
+            message = replace(message, data=sign_message(message.data, self._signer(account)))
+            metrics.DKIM_SIGN_SECONDS.observe(time.monotonic() - signing_started)
         sent_at = time.monotonic()
         delivery = self.smtp.deliver(account.id, account.smtp, message)
         metrics.SMTP_SEND_SECONDS.labels(job.tenant).observe(time.monotonic() - sent_at)

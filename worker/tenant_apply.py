@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +50,22 @@ def _reveal(model: BaseModel | None) -> dict[str, Any] | None:
     """The model as JSON data with secrets in clear (they are stored, never printed)."""
     if model is None:
         return None
-    data = {}
-    for name, value in model.model_dump(exclude_none=True).items():
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        elif isinstance(value, Path):
-            value = str(value)
-        elif isinstance(value, dict):
-            value = {
-                k: v.get_secret_value() if isinstance(v, SecretStr) else str(v) if isinstance(v, Path) else v
-                for k, v in value.items()
-            }
-        data[name] = value
+    data: dict[str, Any] = _plain(model.model_dump(exclude_none=True))
     return data
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _write(conn: Connection, t: Tenant) -> None:
