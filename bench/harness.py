@@ -1,0 +1,215 @@
+"""What the benchmarks share: an own database and queue prefix, receivers, process figures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pika
+import psycopg
+import yaml
+
+from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE, queue_name
+from worker.db import connect, ensure_database, upgrade
+from worker.settings import Settings
+from worker.sink import free_port
+from worker.tenant_apply import apply_tenants, read_tenant_file
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+BROKER_URL = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def bench_settings(**overrides: Any) -> Iterator[Settings]:
+    """Settings with a fresh database and queue prefix, both removed afterwards."""
+    token = uuid.uuid4().hex[:8]
+    name = f"postbote_bench_{token}"
+    url = psycopg.conninfo.make_conninfo(ADMIN_URL, dbname=name)
+    ensure_database(url)
+    with connect(url) as conn:
+        upgrade(conn)
+    settings = Settings(
+        broker_url=BROKER_URL,
+        database_url=url,
+        queue_prefix=f"pbbench-{token}",
+        metrics_port=free_port(),
+        **overrides,
+    )
+    try:
+        yield settings
+    finally:
+        delete_queues(
+            settings.broker_url,
+            [queue_name(settings.queue_prefix, lane) for lane in (DOCUMENTS_QUEUE, RECEIPTS_QUEUE)],
+        )
+        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def delete_queues(broker_url: str, queues: list[str]) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    channel = connection.channel()
+    for base in queues:
+        for name in (base, f"{base}.DQ", f"{base}.XQ"):
+            channel.queue_delete(name)
+    connection.close()
+
+
+def apply_tenant(settings: Settings, tenant: dict[str, Any], workdir: Path) -> None:
+    path = workdir / f"{tenant['id']}.yaml"
+    path.write_text(yaml.safe_dump({"tenants": [tenant]}))
+    with connect(settings.database_url) as conn:
+        apply_tenants(conn, read_tenant_file(path))
+
+
+def env_for(settings: Settings, **overrides: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTBOTE_")}
+    for key, value in {**settings.model_dump(), **overrides}.items():
+        env[f"POSTBOTE_{key.upper()}"] = str(value)
+    return env
+
+
+def start_workers(
+    settings: Settings, *, processes: int, threads: int, log: Path, **overrides: Any
+) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "worker",
+                "worker",
+                "--processes",
+                str(processes),
+                "--threads",
+                str(threads),
+            ],
+            env=env_for(settings, **overrides),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class SmtpSinkProcess:
+    """Postfix's ``smtp-sink`` dumping every message to a file (cheap enough not to be the bottleneck)."""
+
+    port: int
+    dump_dir: Path
+    process: subprocess.Popen[bytes]
+
+    def count(self) -> int:
+        return sum(1 for _ in os.scandir(self.dump_dir))
+
+    def files(self) -> list[Path]:
+        return [Path(e.path) for e in os.scandir(self.dump_dir)]
+
+    def clear(self) -> None:
+        for path in self.files():
+            path.unlink()
+
+
+@contextmanager
+def smtp_sink() -> Iterator[SmtpSinkProcess]:
+    binary = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+    if not Path(binary).exists():
+        raise SystemExit("bench: Postfix's smtp-sink is missing: apt-get install postfix")
+    dump_dir = Path(tempfile.mkdtemp(prefix="postbote-smtp-sink-"))
+    dump_dir.chmod(0o777)
+    port = free_port()
+    user = ["-u", "postfix"] if os.geteuid() == 0 else []
+    process = subprocess.Popen(
+        [binary, *user, "-d", f"{dump_dir}/%H%M%S.", f"127.0.0.1:{port}", "1024"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.3)
+    try:
+        yield SmtpSinkProcess(port, dump_dir, process)
+    finally:
+        process.terminate()
+        process.wait()
+        shutil.rmtree(dump_dir, ignore_errors=True)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        todo.extend(int(c) for c in children)
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of the processes (live ones)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    """The largest peak resident set (VmHWM) among the processes, in MB."""
+    peak = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except OSError:
+            continue
+    return peak / 1024
+
+
+def rss_mb(pids: list[int]) -> float:
+    """The largest current resident set (VmRSS) among the processes, in MB."""
+    largest = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    largest = max(largest, int(line.split()[1]))
+        except OSError:
+            continue
+    return largest / 1024
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
