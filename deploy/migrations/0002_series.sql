@@ -4,7 +4,7 @@
 
 CREATE TABLE IF NOT EXISTS series_state (
     tenant_id      text        PRIMARY KEY,
-    series_no      bigint      NOT NULL DEFAULT 0,
+    series_no      bigint      NOT NULL DEFAULT 1,
     granted        integer     NOT NULL DEFAULT 0 CHECK (granted >= 0),
     opened_at      timestamptz,             -- first grant of the current series
     last_finish_at timestamptz              -- latest finish/expiry of its leases

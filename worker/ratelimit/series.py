@@ -65,7 +65,7 @@ class SeriesState:
     this series, ``None`` while none has finished.
     """
 
-    series_no: int = 0
+    series_no: int = 1
     granted: int = 0
     opened_us: int | None = None
     last_finish_us: int | None = None
