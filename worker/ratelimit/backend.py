@@ -15,12 +15,15 @@ class Lease:
       tenant_id: the tenant (SMTP account) the slots count against.
       series_no: the series the slots belong to.
       slots: how many mails may be sent under this lease.
+      next_ask_in_ms: when positive, this grant filled the series for bulk
+        callers: asking again sooner would be refused.
     """
 
     lease_id: int
     tenant_id: str
     series_no: int
     slots: int
+    next_ask_in_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,7 +79,8 @@ class MemoryBackend(SeriesBackend):
                     outcome.slots,
                     now + lease_ms * US_PER_MS,
                 )
-                return Lease(lease_id, tenant_id, outcome.state.series_no, outcome.slots)
+                full_ms = pause_ms if outcome.room_left == 0 else 0
+                return Lease(lease_id, tenant_id, outcome.state.series_no, outcome.slots, full_ms)
             if priority and waiter_id is not None:
                 tenant.waiters[waiter_id] = outcome.retry_at_us + WAITER_GRACE_MS * US_PER_MS
             return Wait(ceil_ms(outcome.retry_at_us - now), outcome.state.series_no)

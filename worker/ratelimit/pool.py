@@ -101,7 +101,9 @@ class TenantPool:
         else:
             # Measured from the question: the lease started no earlier.
             self._leases.append(LocalLease(outcome, usable_until=asked + lease_ms / 2000))
-            self._not_before = 0.0
+            # A full series opens its successor no sooner than a pause after
+            # its last finish, which is after now: don't poll before that.
+            self._not_before = asked + outcome.next_ask_in_ms / 1000
 
     def done(self, local: LocalLease) -> list[LocalLease]:
         """A slot of ``local`` is finished; returns the leases to release now."""

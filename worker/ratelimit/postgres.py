@@ -5,6 +5,10 @@ row (``SELECT … FOR UPDATE``), reads the live leases and priority waiters,
 applies :mod:`worker.ratelimit.series` and writes the result back. All times
 come from the database clock, never the hosts'. Tables: see
 ``deploy/migrations/0002_series.sql``.
+
+A transaction is two messages: "lock and read" and "write and commit", sent
+as multi-statement queries (client-side parameter binding), so the row stays
+locked for one client round trip however busy the worker host is.
 """
 
 from __future__ import annotations
@@ -24,16 +28,24 @@ from .series import US_PER_MS, WAITER_GRACE_MS, Granted, SeriesState, ceil_ms, d
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 
-_LOCK_STATE = """
-SELECT series_no, granted, opened_at, last_finish_at
-  FROM series_state WHERE tenant_id = %(tenant)s FOR UPDATE
+# Limiter state is short-lived: waiting for the WAL flush would double the time
+# the row stays locked. A database crash may lose the last milliseconds of
+# grants (docs/series.md); nothing else changes.
+_BEGIN = """
+BEGIN;
+SET LOCAL synchronous_commit TO off;
 """
-_CREATE_STATE = "INSERT INTO series_state (tenant_id) VALUES (%(tenant)s) ON CONFLICT DO NOTHING"
-# Runs with the row locked, so statement_timestamp() is after every finish
-# recorded before us. Data-modifying CTEs see the snapshot from before their
-# deletes, hence the explicit expiry filters in the counts.
+_LOCK_STATE = """
+INSERT INTO series_state (tenant_id) VALUES (%(tenant)s) ON CONFLICT DO NOTHING;
+SELECT series_no, granted, opened_at, last_finish_at
+  FROM series_state WHERE tenant_id = %(tenant)s FOR UPDATE;
+"""
+# Runs after the row lock was granted; clock_timestamp(), because every
+# statement of one message shares its statement_timestamp(). Data-modifying
+# CTEs see the snapshot from before their deletes, hence the explicit expiry
+# filters in the counts.
 _REAP = """
-WITH now AS (SELECT statement_timestamp() AS t),
+WITH now AS MATERIALIZED (SELECT clock_timestamp() AS t),
 reaped AS (
     DELETE FROM series_leases l USING now
      WHERE l.tenant_id = %(tenant)s AND l.expires_at <= now.t
@@ -48,32 +60,37 @@ SELECT now.t,
        (SELECT count(*) FROM series_priority_waiters w
          WHERE w.tenant_id = %(tenant)s AND w.expires_at > now.t
            AND w.waiter_id IS DISTINCT FROM %(waiter)s)
-  FROM now
+  FROM now;
 """
 _SAVE_STATE = """
 UPDATE series_state
    SET series_no = %(series_no)s, granted = %(granted)s,
        opened_at = %(opened_at)s, last_finish_at = %(last_finish_at)s
- WHERE tenant_id = %(tenant)s
+ WHERE tenant_id = %(tenant)s;
 """
 _INSERT_LEASE = """
 INSERT INTO series_leases (tenant_id, series_no, holder_id, slots, granted_at, expires_at)
 VALUES (%(tenant)s, %(series_no)s, %(holder)s, %(slots)s, %(now)s,
         %(now)s + %(lease_ms)s * interval '1 millisecond')
-RETURNING lease_id
+RETURNING lease_id;
 """
-_DELETE_WAITER = "DELETE FROM series_priority_waiters WHERE tenant_id = %(tenant)s AND waiter_id = %(waiter)s"
+_DELETE_WAITER = (
+    "DELETE FROM series_priority_waiters WHERE tenant_id = %(tenant)s AND waiter_id = %(waiter)s;"
+)
 _UPSERT_WAITER = """
 INSERT INTO series_priority_waiters (tenant_id, waiter_id, expires_at)
 VALUES (%(tenant)s, %(waiter)s, %(expires_at)s)
-ON CONFLICT (tenant_id, waiter_id) DO UPDATE SET expires_at = EXCLUDED.expires_at
+ON CONFLICT (tenant_id, waiter_id) DO UPDATE SET expires_at = EXCLUDED.expires_at;
 """
-# clock_timestamp(), not now(): the finish must be read after the SMTP server
-# accepted the mail, and after this transaction got the row lock.
+# The finish time is read after the row lock was granted, which is after the
+# SMTP server accepted the mail.
 _DELETE_LEASE = """
 WITH gone AS (DELETE FROM series_leases WHERE lease_id = %(lease_id)s RETURNING series_no)
-SELECT clock_timestamp(), (SELECT series_no FROM gone)
+SELECT clock_timestamp(), (SELECT series_no FROM gone);
 """
+_COMMIT = "COMMIT;"
+
+Row = tuple[object, ...]
 
 
 class PostgresBackend(SeriesBackend):
@@ -95,9 +112,8 @@ class PostgresBackend(SeriesBackend):
         self._conninfo = conninfo
         self._max_idle = max_idle_connections
         self._connect_timeout_s = max(1, -(-connect_timeout_ms // 1000))
-        self._idle: list[psycopg.Connection[tuple[object, ...]]] = []
+        self._idle: list[psycopg.Connection[Row]] = []
         self._lock = threading.Lock()
-        self._closed = False
 
     def acquire(
         self,
@@ -114,12 +130,12 @@ class PostgresBackend(SeriesBackend):
         if priority and waiter_id is None:
             raise ValueError("a priority caller needs a waiter_id")
         args: dict[str, object] = {"tenant": tenant_id, "waiter": waiter_id}
-        with self._transaction() as cur:
-            state = _lock_state(cur, args)
-            cur.execute(_REAP, args)
-            now_at, reaped_until, live, waiters = _one(cur)
+        with self._session() as cur:
+            state_row, reap_row = _query(cur, _BEGIN + _LOCK_STATE + _REAP, args)
+            now_at, reaped_until, live, waiters = reap_row
             assert isinstance(now_at, datetime)
             now = _to_us(now_at)
+            state = _state(state_row)
             if isinstance(reaped_until, datetime):
                 state = reap(state, [_to_us(reaped_until)])
             outcome = decide(
@@ -132,48 +148,36 @@ class PostgresBackend(SeriesBackend):
                 pause_ms=pause_ms,
                 priority=priority,
             )
-            _save_state(cur, tenant_id, outcome.state)
+            write = {**args, **_state_args(outcome.state)}
             if isinstance(outcome, Granted):
-                if waiter_id is not None:
-                    cur.execute(_DELETE_WAITER, args)
-                cur.execute(
-                    _INSERT_LEASE,
-                    {
-                        "tenant": tenant_id,
-                        "series_no": outcome.state.series_no,
-                        "holder": holder_id,
-                        "slots": outcome.slots,
-                        "now": now_at,
-                        "lease_ms": lease_ms,
-                    },
-                )
-                (lease_id,) = _one(cur)
-                return Lease(_int(lease_id), tenant_id, outcome.state.series_no, outcome.slots)
-            if priority:
-                expires = outcome.retry_at_us + WAITER_GRACE_MS * US_PER_MS
-                cur.execute(_UPSERT_WAITER, {**args, "expires_at": _from_us(expires)})
+                sql = _SAVE_STATE + (_DELETE_WAITER if waiter_id is not None else "") + _INSERT_LEASE
+                write.update(holder=holder_id, slots=outcome.slots, now=now_at, lease_ms=lease_ms)
+                ((lease_id,),) = _query(cur, sql + _COMMIT, write)
+                full_ms = pause_ms if outcome.room_left == 0 else 0
+                return Lease(_int(lease_id), tenant_id, outcome.state.series_no, outcome.slots, full_ms)
+            sql = _SAVE_STATE + (_UPSERT_WAITER if priority else "")
+            write["expires_at"] = _from_us(outcome.retry_at_us + WAITER_GRACE_MS * US_PER_MS)
+            _query(cur, sql + _COMMIT, write)
             return Wait(ceil_ms(outcome.retry_at_us - now), outcome.state.series_no)
 
     def release(self, lease: Lease, *, unused: int = 0) -> bool:
         args: dict[str, object] = {"tenant": lease.tenant_id, "lease_id": lease.lease_id}
-        with self._transaction() as cur:
-            state = _lock_state(cur, args)
-            cur.execute(_DELETE_LEASE, args)
-            now_at, series_no = _one(cur)
+        with self._session() as cur:
+            state_row, (now_at, series_no) = _query(cur, _BEGIN + _LOCK_STATE + _DELETE_LEASE, args)
             assert isinstance(now_at, datetime)
             state = finish(
-                state,
+                _state(state_row),
                 now_us=_to_us(now_at),
                 lease_series_no=None if series_no is None else _int(series_no),
                 slots=lease.slots,
                 unused=unused,
             )
-            _save_state(cur, lease.tenant_id, state)
+            _query(cur, _SAVE_STATE + _COMMIT, {**args, **_state_args(state)})
             return series_no is not None
 
     def forget_waiter(self, tenant_id: str, waiter_id: str) -> None:
-        with self._transaction() as cur:
-            cur.execute(_DELETE_WAITER, {"tenant": tenant_id, "waiter": waiter_id})
+        with self._session() as cur:
+            _query(cur, _DELETE_WAITER, {"tenant": tenant_id, "waiter": waiter_id})
 
     def close(self) -> None:
         """Close the idle connections; later calls open new ones."""
@@ -183,15 +187,15 @@ class PostgresBackend(SeriesBackend):
             conn.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Cursor[tuple[object, ...]]]:
+    def _session(self) -> Iterator[psycopg.ClientCursor[Row]]:
         try:
-            with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            with self._connection() as conn, psycopg.ClientCursor(conn) as cur:
                 yield cur
         except psycopg.Error as e:
             raise DatabaseUnavailable(f"series limiter: {type(e).__name__}: {e}") from e
 
     @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    def _connection(self) -> Iterator[psycopg.Connection[Row]]:
         with self._lock:
             conn = self._idle.pop() if self._idle else None
         if conn is None or conn.closed:
@@ -209,14 +213,20 @@ class PostgresBackend(SeriesBackend):
         conn.close()
 
 
-def _lock_state(cur: psycopg.Cursor[tuple[object, ...]], args: dict[str, object]) -> SeriesState:
-    cur.execute(_LOCK_STATE, args)
-    row = cur.fetchone()
-    if row is None:
-        cur.execute(_CREATE_STATE, args)
-        cur.execute(_LOCK_STATE, args)
-        row = cur.fetchone()
-    assert row is not None
+def _query(cur: psycopg.ClientCursor[Row], sql: str, args: dict[str, object]) -> list[Row]:
+    """Run several statements in one message; return the first row of each that returned rows."""
+    cur.execute(sql, args)
+    rows: list[Row] = []
+    while True:
+        if cur.description is not None:
+            row = cur.fetchone()
+            assert row is not None
+            rows.append(row)
+        if not cur.nextset():
+            return rows
+
+
+def _state(row: Row) -> SeriesState:
     series_no, granted, opened_at, last_finish_at = row
     return SeriesState(
         series_no=_int(series_no),
@@ -226,23 +236,13 @@ def _lock_state(cur: psycopg.Cursor[tuple[object, ...]], args: dict[str, object]
     )
 
 
-def _save_state(cur: psycopg.Cursor[tuple[object, ...]], tenant_id: str, state: SeriesState) -> None:
-    cur.execute(
-        _SAVE_STATE,
-        {
-            "tenant": tenant_id,
-            "series_no": state.series_no,
-            "granted": state.granted,
-            "opened_at": None if state.opened_us is None else _from_us(state.opened_us),
-            "last_finish_at": None if state.last_finish_us is None else _from_us(state.last_finish_us),
-        },
-    )
-
-
-def _one(cur: psycopg.Cursor[tuple[object, ...]]) -> tuple[object, ...]:
-    row = cur.fetchone()
-    assert row is not None
-    return row
+def _state_args(state: SeriesState) -> dict[str, object]:
+    return {
+        "series_no": state.series_no,
+        "granted": state.granted,
+        "opened_at": None if state.opened_us is None else _from_us(state.opened_us),
+        "last_finish_at": None if state.last_finish_us is None else _from_us(state.last_finish_us),
+    }
 
 
 def _int(value: object) -> int:

@@ -73,10 +73,15 @@ class SeriesState:
 
 @dataclass(frozen=True, slots=True)
 class Granted:
-    """``slots`` slots (at least one) in series ``state.series_no``."""
+    """``slots`` slots (at least one) in series ``state.series_no``.
+
+    ``room_left`` is what bulk callers may still get in this series; at 0 the
+    next bulk slot comes no sooner than ``pause_ms`` from now.
+    """
 
     slots: int
     state: SeriesState
+    room_left: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +140,8 @@ def decide(
     slots = min(want, room - kept)
     if slots > 0:
         opened = state.opened_us if state.opened_us is not None else now_us
-        return Granted(slots, replace(state, granted=state.granted + slots, opened_us=opened))
+        state = replace(state, granted=state.granted + slots, opened_us=opened)
+        return Granted(slots, state, room_left=max(room - kept - slots, 0) if not priority else 0)
     if live_leases == 0 and state.last_finish_us is not None:
         retry_at = state.last_finish_us + pause_us
     else:
