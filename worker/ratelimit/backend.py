@@ -1,0 +1,83 @@
+"""The interface a series limiter needs from its shared store."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Slots granted to one holder in one series, to be released exactly once.
+
+    Attributes:
+      lease_id: the backend's id for :meth:`SeriesBackend.release`.
+      tenant_id: the tenant (SMTP account) the slots count against.
+      series_no: the series the slots belong to.
+      slots: how many mails may be sent under this lease.
+      next_ask_in_ms: when positive, this grant filled the series for bulk
+        callers: asking again sooner would be refused.
+    """
+
+    lease_id: int
+    tenant_id: str
+    series_no: int
+    slots: int
+    next_ask_in_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """No slot now; ask again in ``retry_in_ms`` (a lower bound, never an overshoot)."""
+
+    retry_in_ms: int
+    series_no: int
+
+
+class SeriesBackend(abc.ABC):
+    """Shared per-tenant series state: PostgreSQL in production, memory in tests.
+
+    Every method is atomic per tenant and uses the backend's own clock, never
+    the caller's. Implementations must be thread-safe.
+    """
+
+    @abc.abstractmethod
+    def acquire(
+        self,
+        tenant_id: str,
+        *,
+        holder_id: str,
+        want: int,
+        batch_size: int,
+        pause_ms: int,
+        lease_ms: int,
+        priority: bool = False,
+        waiter_id: str | None = None,
+    ) -> Lease | Wait:
+        """Lease up to ``want`` slots in the tenant's current series, or say when to ask again.
+
+        Parameters:
+          holder_id: who holds the lease (host and process), for operators.
+          lease_ms: after this long an unreleased lease counts as finished.
+          priority: may use the room kept for priority waiters; when refused,
+            ``waiter_id`` is registered as a waiter so bulk grants keep room for it.
+          waiter_id: required with ``priority``; the same id on every retry.
+        """
+
+    @abc.abstractmethod
+    def release(self, lease: Lease, *, unused: int = 0) -> bool:
+        """Finish ``lease`` now (after the SMTP server accepted its last mail).
+
+        ``unused`` slots were never used and go back to the series. Returns
+        ``False`` when the lease had already expired (a send outlived it).
+        """
+
+    @abc.abstractmethod
+    def forget_waiter(self, tenant_id: str, waiter_id: str) -> None:
+        """Drop a priority waiter that gave up, so bulk callers get its room back."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free resources (connections); the default has none."""
+
+
+__all__ = ["Lease", "SeriesBackend", "Wait"]
