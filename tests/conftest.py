@@ -92,6 +92,14 @@ def postbote(
 
 
 @pytest.fixture
+def own_queues(settings: Settings) -> Iterator[Settings]:
+    """The run's settings with a queue prefix of this test's own, for tests that start their own workers."""
+    isolated = settings.model_copy(update={"queue_prefix": f"{settings.queue_prefix}-{uuid.uuid4().hex[:6]}"})
+    yield isolated
+    delete_queues(isolated)
+
+
+@pytest.fixture
 def db(settings: Settings) -> Iterator[Connection]:
     with connect(settings.database_url, autocommit=True) as conn:
         yield conn
@@ -127,38 +135,37 @@ def make_tenant(settings: Settings, sink: Sink, tmp_path: Path) -> Callable[...,
 
 
 class RunningWorker:
+    """``postbote worker`` as a subprocess with its own log file."""
+
     def __init__(self, settings: Settings, *, processes: int = 1, threads: int = 4, **overrides: Any) -> None:
-        self.log = open(  # noqa: SIM115 - kept open for the worker's lifetime
-            Path(os.environ.get("TMPDIR", "/tmp")) / f"postbote-worker-{uuid.uuid4().hex[:8]}.log", "w+"
-        )
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "worker",
-                "worker",
-                "--processes",
-                str(processes),
-                "--threads",
-                str(threads),
-            ],
-            env=settings_env(settings, metrics_port=overrides.pop("metrics_port", free_port()), **overrides),
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"postbote-worker-{uuid.uuid4().hex[:8]}.log"
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "worker",
+                    "worker",
+                    "--processes",
+                    str(processes),
+                    "--threads",
+                    str(threads),
+                ],
+                env=settings_env(
+                    settings, metrics_port=overrides.pop("metrics_port", free_port()), **overrides
+                ),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
-        code = self.process.wait(timeout=timeout)
-        self.log.close()
-        return code
+        return self.process.wait(timeout=timeout)
 
     def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
+        return self.log_path.read_text()
 
 
 @pytest.fixture(scope="session")

@@ -20,15 +20,16 @@ from dramatiq.middleware import CurrentMessage
 from pydantic import ValidationError
 
 from schemas.constants import RECEIPTS_QUEUE, actor_of, queue_name
-from schemas.job import Job
+from schemas.job import DocumentType, Job
 from worker import metrics
 from worker.compose import compose_message
 from worker.db import make_pool
 from worker.deadletter import DeadJob, store_dead_job
 from worker.dkim import DkimSigner, load_signer, sign_message
 from worker.errors import DatabaseUnavailable, InvalidJob, PermanentError, TransientError
-from worker.ledger import Claim, claim_job, record_failure, record_sent
+from worker.ledger import Claim, claim_job, record_failure, record_sent, release_claim
 from worker.logs import log_outcome
+from worker.ratelimit import PostgresBackend, SeriesLimiter, Throttled
 from worker.senders import copy_recipients, resolve_sender
 from worker.settings import Settings
 from worker.smtp import SmtpPool
@@ -57,6 +58,12 @@ class Pipeline:
             on_connect=lambda tenant: metrics.SMTP_CONNECTIONS_OPENED.labels(tenant).inc(),
         )
         self._signers: dict[str, tuple[object, DkimSigner]] = {}
+        self.limiter = SeriesLimiter(
+            PostgresBackend(self.settings.database_url),
+            holder_id=self.holder,
+            lease_ms=self.settings.series_lease_ms,
+        )
+        self.brokers: dict[str, dramatiq.Broker] = {}
 
     def _signer(self, account: Account) -> DkimSigner:
         """The tenant's signer, rebuilt whenever the settings cache hands out a newly read account."""
@@ -67,6 +74,8 @@ class Pipeline:
         return cached[1]
 
     def close(self) -> None:
+        self.limiter.close()
+        self.limiter.backend.close()
         self.smtp.close()
         self.db.close()
 
@@ -80,6 +89,12 @@ class Pipeline:
             return
         try:
             self._send(job, data, started)
+        except Throttled as e:
+            with self.db.connection() as conn:
+                release_claim(conn, job.job_id)
+            self._defer(job, e.retry_in_ms, "deferred_series")
+        except ClaimedElsewhere as e:
+            self._defer(job, e.retry_in_ms, "deferred_claimed")
         except PermanentError as e:
             self._fail(job, e, started)
         except TransientError as e:
@@ -87,7 +102,7 @@ class Pipeline:
             raise
 
     def _send(self, job: Job, data: dict[str, Any], started: float) -> None:
-        claim_ms = 4 * self.settings.smtp_timeout_ms
+        claim_ms = self.settings.series_max_wait_ms + 4 * self.settings.smtp_timeout_ms
         with self.db.connection() as conn:
             claim = claim_job(conn, job, payload_digest(data), holder=self.holder, claim_ms=claim_ms)
         labels = (job.tenant, job.document.type.value)
@@ -114,9 +129,17 @@ class Pipeline:
             signing_started = time.monotonic()
             message = replace(message, data=sign_message(message.data, self._signer(account)))
             metrics.DKIM_SIGN_SECONDS.observe(time.monotonic() - signing_started)
-        sent_at = time.monotonic()
-        delivery = self.smtp.deliver(account.id, account.smtp, message)
-        metrics.SMTP_SEND_SECONDS.labels(job.tenant).observe(time.monotonic() - sent_at)
+        with self.limiter.slot(
+            account.id,
+            batch_size=account.batch_size,
+            pause_ms=account.pause_ms,
+            priority=job.document.type is DocumentType.RECEIPT,
+            max_wait_ms=self.settings.series_max_wait_ms,
+        ) as slot:
+            metrics.RATELIMIT_WAIT_SECONDS.labels(job.tenant).observe(slot.waited_ms / 1000)
+            sent_at = time.monotonic()
+            delivery = self.smtp.deliver(account.id, account.smtp, message)
+            metrics.SMTP_SEND_SECONDS.labels(job.tenant).observe(time.monotonic() - sent_at)
         refused = {address: str(reply) for address, reply in delivery.refused.items()}
         status = self._record_sent_durably(
             job.job_id,
@@ -137,6 +160,13 @@ class Pipeline:
             refused=",".join(refused) or None,
             duration_ms=round((time.monotonic() - started) * 1000),
         )
+
+    def _defer(self, job: Job, delay_ms: int, outcome: str) -> None:
+        """Waiting is not failing: hand the job back to the broker for later without using a retry."""
+        message = CurrentMessage.get_current_message()
+        assert message is not None
+        self.brokers[message.queue_name].enqueue(message.copy(), delay=delay_ms)
+        log_outcome(outcome, job_id=job.job_id, tenant=job.tenant, retry_in_ms=delay_ms)
 
     def _record_sent_durably(self, job_id: UUID, **outcome: Any) -> str:
         """After the server accepted the mail, the ledger write must not be lost to a database blip:
@@ -241,6 +271,14 @@ class Pipeline:
         log_outcome("failed", job_id=job_id, reason=error.reason, detail=str(error))
 
 
+class ClaimedElsewhere(Exception):
+    """Another live delivery holds the job's claim (a redelivery while the first is still sending)."""
+
+    def __init__(self, job_id: UUID, retry_in_ms: int) -> None:
+        super().__init__(f"job {job_id} is being sent by another worker")
+        self.retry_in_ms = retry_in_ms
+
+
 def register_actor(broker: dramatiq.Broker, pipeline: Pipeline, prefix: str, lane: str) -> str:
     """Declare the actor of a lane (bulk ``documents`` or interactive ``receipts``); returns its queue."""
     queue = queue_name(prefix, lane)
@@ -252,6 +290,7 @@ def register_actor(broker: dramatiq.Broker, pipeline: Pipeline, prefix: str, lan
         priority=0 if lane == RECEIPTS_QUEUE else 10,
         options={},
     )
+    pipeline.brokers[queue] = broker
     return queue
 
 

@@ -39,6 +39,8 @@ class ClaimResult:
     claim: Claim
     attempts: int
     status: str | None = None
+    busy_for_ms: int = 0
+    """With ``BUSY``: how long the other delivery's claim still runs."""
 
 
 def claim_job(conn: Connection, job: Job, payload_sha256: str, *, holder: str, claim_ms: int) -> ClaimResult:
@@ -65,7 +67,8 @@ def claim_job(conn: Connection, job: Job, payload_sha256: str, *, holder: str, c
         if row is not None:
             return ClaimResult(Claim.CLAIMED, 1)
         row = conn.execute(
-            "SELECT status, attempts, payload_sha256, claimed_until < clock_timestamp() AS expired"
+            "SELECT status, attempts, payload_sha256, claimed_until < clock_timestamp() AS expired,"
+            " ceil(extract(epoch FROM claimed_until - clock_timestamp()) * 1000)::bigint AS remaining_ms"
             " FROM deliveries WHERE job_id = %s FOR UPDATE",
             (job.job_id,),
         ).fetchone()
@@ -76,7 +79,7 @@ def claim_job(conn: Connection, job: Job, payload_sha256: str, *, holder: str, c
         if status in FINAL_STATES:
             return ClaimResult(Claim.DONE, attempts, status)
         if status == "sending" and not row["expired"]:
-            return ClaimResult(Claim.BUSY, attempts, status)
+            return ClaimResult(Claim.BUSY, attempts, status, busy_for_ms=max(1, int(row["remaining_ms"])))
         conn.execute(
             "UPDATE deliveries SET status = 'sending', attempts = attempts + 1, claimed_by = %s,"
             " claimed_until = clock_timestamp() + %s * interval '1 ms', updated_at = clock_timestamp()"
@@ -143,6 +146,18 @@ def record_failure(
         conn.commit()
 
 
+def release_claim(conn: Connection, job_id: UUID) -> None:
+    """Give the claim back without an outcome: the job was deferred, a later delivery sends it."""
+    with translated_errors():
+        conn.execute(
+            "UPDATE deliveries SET status = 'retrying', reason = 'throttled', detail = NULL, claimed_by = NULL,"
+            " claimed_until = NULL, attempts = attempts - 1, updated_at = clock_timestamp()"
+            " WHERE job_id = %s AND status = 'sending'",
+            (job_id,),
+        )
+        conn.commit()
+
+
 def delivery_record(conn: Connection, job_id: UUID) -> dict[str, Any] | None:
     """The ledger row of a job as shown by ``postbote status``."""
     with translated_errors():
@@ -155,4 +170,12 @@ def delivery_record(conn: Connection, job_id: UUID) -> dict[str, Any] | None:
     return dict(row) if row is not None else None
 
 
-__all__ = ["Claim", "ClaimResult", "claim_job", "delivery_record", "record_failure", "record_sent"]
+__all__ = [
+    "Claim",
+    "ClaimResult",
+    "claim_job",
+    "delivery_record",
+    "record_failure",
+    "record_sent",
+    "release_claim",
+]
