@@ -11,10 +11,10 @@ import base64
 import os
 import smtplib
 import threading
+from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
-from datetime import datetime, timezone
 from typing import Any
 
 import dkim
@@ -53,7 +53,7 @@ def naive_send(job: dict[str, Any]) -> None:
     msg["From"] = sender or own
     msg["To"] = ", ".join(job["to"])
     msg["Subject"] = job["subject"]
-    msg["Date"] = format_datetime(datetime.now(timezone.utc))
+    msg["Date"] = format_datetime(datetime.now(UTC))
     msg["Message-ID"] = f"<{job['job_id']}@acme.example>" if job.get("job_id") else make_msgid()
     msg.set_content(job["body"]["text"])
     if job["body"].get("html"):
