@@ -1,0 +1,106 @@
+"""The composed message: headers, parts and encodings as a receiving mail system reads them."""
+
+from __future__ import annotations
+
+import base64
+import email
+from email import policy
+from email.message import EmailMessage
+from typing import Any
+
+from schemas.job import Job
+from worker.compose import compose_message
+from worker.documents import make_job
+from worker.senders import Sender
+
+ANNA = Sender("anna@acme.example", "Anna Berg", None, None)
+
+
+def compose(
+    sender: Sender = ANNA, cc: list[str] | None = None, blind: list[str] | None = None, **job: Any
+) -> tuple[bytes, EmailMessage]:
+    data = make_job("acme", "invoice", 1, user_id="u1", to="kunde@example.com")
+    data.update(job)
+    composed = compose_message(Job.model_validate(data), sender, cc or [], blind or [])
+    message = email.message_from_bytes(composed.data, policy=policy.default)
+    assert isinstance(message, EmailMessage)
+    return composed.data, message
+
+
+def test_every_line_ends_in_crlf_and_fits_the_line_limit() -> None:
+    raw, _ = compose(body={"text": "x" * 2000 + "\nkurz", "html": "<p>" + "y" * 3000 + "</p>"})
+    lines = raw.split(b"\r\n")
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+    assert max(len(line) for line in lines) <= 78
+
+
+def test_the_message_is_seven_bit() -> None:
+    raw, _ = compose(subject="Rechnung für Müller", body={"text": "Grüße aus Köln"})
+    assert raw.isascii()
+
+
+def test_non_ascii_subject_name_and_filename_round_trip() -> None:
+    attachment = {
+        "filename": "Übersicht März.pdf",
+        "content_type": "application/pdf",
+        "content_base64": base64.b64encode(b"%PDF-1.4 data").decode(),
+    }
+    sender = Sender("anna@acme.example", "Änne Bärg", None, None)
+    _, message = compose(
+        sender, subject="Rechnung für Müller & Söhne " + "lang " * 20, attachments=[attachment]
+    )
+    assert message["Subject"] == "Rechnung für Müller & Söhne " + "lang " * 20
+    assert message["From"].addresses[0].display_name == "Änne Bärg"
+    [part] = list(message.iter_attachments())
+    assert part.get_filename() == "Übersicht März.pdf"
+    assert part.get_content() == b"%PDF-1.4 data"
+
+
+def test_text_html_and_attachments_have_the_expected_structure() -> None:
+    _, message = compose()
+    assert message.get_content_type() == "multipart/mixed"
+    assert [p.get_content_type() for p in message.walk()] == [
+        "multipart/mixed",
+        "multipart/alternative",
+        "text/plain",
+        "text/html",
+        "application/pdf",
+    ]
+    assert (
+        message.get_body(("plain",)).get_content().replace("\r\n", "\n").endswith("Mit freundlichen Grüßen\n")
+    )
+
+
+def test_a_text_only_job_is_a_single_part_message() -> None:
+    _, message = compose(body={"text": "Nur Text"}, attachments=[])
+    assert message.get_content_type() == "text/plain"
+    assert message.get_content().strip() == "Nur Text"
+
+
+def test_many_recipients_are_folded_between_addresses() -> None:
+    to = [f"kunde{n:03d}@example.com" for n in range(12)]
+    raw, message = compose(to=to)
+    assert [a.addr_spec for a in message["To"].addresses] == to
+    header = raw.split(b"\r\n\r\n")[0]
+    assert max(len(line) for line in header.split(b"\r\n")) <= 78
+
+
+def test_blind_recipients_are_in_the_envelope_only() -> None:
+    data = make_job("acme", "invoice", 1, user_id="u1", to="kunde@example.com", bcc=["geheim@example.net"])
+    composed = compose_message(
+        Job.model_validate(data), ANNA, [], ["geheim@example.net", "archiv@acme.example"]
+    )
+    assert composed.recipients == ("kunde@example.com", "geheim@example.net", "archiv@acme.example")
+    assert b"geheim" not in composed.data and b"archiv" not in composed.data
+
+
+def test_an_idn_domain_is_written_as_punycode() -> None:
+    data = make_job("acme", "invoice", 1, user_id="u1", to="kunde@bücher.example")
+    composed = compose_message(Job.model_validate(data), ANNA, [], [])
+    assert composed.recipients == ("kunde@xn--bcher-kva.example",)
+    assert b"To: kunde@xn--bcher-kva.example" in composed.data
+
+
+def test_a_non_ascii_local_part_needs_smtputf8() -> None:
+    data = make_job("acme", "invoice", 1, user_id="u1", to="jürgen@example.com")
+    assert compose_message(Job.model_validate(data), ANNA, [], []).smtputf8
