@@ -10,7 +10,6 @@ import re
 import smtplib
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from schemas.tenant import Smtp
 from worker.compose import Composed
 from worker.errors import ConfigurationError, SmtpConnectionError, SmtpRejected, SmtpTemporaryFailure
+from worker.oauth import read_token, xoauth2_response
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s*")
 _IDLE_CLOSE_S = 30.0
@@ -136,7 +136,9 @@ def open_connection(smtp: Smtp, *, timeout_s: float) -> _Connection:
 
     TLS always verifies the certificate; ``security: none`` is the only plaintext mode.
     A failed verification ends the attempt before anything else is said.
+    The password or token is read before connecting, so a missing secret costs no connection.
     """
+    login = _login_for(smtp)
     context = ssl.create_default_context(cafile=str(smtp.ca_file) if smtp.ca_file else None)
     local_hostname = smtp.helo or socket.getfqdn()
     try:
@@ -159,7 +161,8 @@ def open_connection(smtp: Smtp, *, timeout_s: float) -> _Connection:
             conn = _Connection(client)
             if isinstance(client.sock, ssl.SSLSocket):
                 conn.tls_version = client.sock.version()
-            conn.auth_method = _login(client, smtp)
+            if login is not None:
+                conn.auth_method = _authenticate(client, smtp, login)
             return conn
         except BaseException:
             _quit(client)
@@ -168,11 +171,6 @@ def open_connection(smtp: Smtp, *, timeout_s: float) -> _Connection:
         raise SmtpRejected(
             f"TLS certificate of {smtp.host} does not verify: {e.verify_message}", reason="tls_verify_failed"
         ) from e
-    except smtplib.SMTPAuthenticationError as e:
-        reply = SmtpReply.parse(e.smtp_code, e.smtp_error)
-        if 400 <= e.smtp_code < 500:
-            raise SmtpTemporaryFailure(f"login failed: {reply}", smtp_reply=str(reply)) from e
-        raise SmtpRejected(f"login failed: {reply}", reason="smtp_auth_failed", smtp_reply=str(reply)) from e
     except smtplib.SMTPResponseException as e:
         raise _classify(SmtpReply.parse(e.smtp_code, e.smtp_error), "connect") from e
     except (OSError, smtplib.SMTPException) as e:
@@ -181,18 +179,98 @@ def open_connection(smtp: Smtp, *, timeout_s: float) -> _Connection:
         ) from e
 
 
-def _login(client: smtplib.SMTP, smtp: Smtp) -> str | None:
+@dataclass(frozen=True)
+class _Login:
+    user: str
+    secret: str = field(repr=False)
+    xoauth2: bool
+
+
+class _XOAuth2:
+    """The XOAUTH2 authobject for ``smtplib.SMTP.auth``.
+
+    A refused token is answered with a 334 challenge carrying an error (JSON);
+    the client must send an empty line, then the server ends with 535.
+    """
+
+    def __init__(self, response: str) -> None:
+        self._response = response
+        self.error: str | None = None
+
+    def __call__(self, challenge: bytes | None = None, /) -> str:
+        if challenge is None:
+            return self._response
+        self.error = " ".join(challenge.decode("utf-8", "replace").split())[:300] or None
+        return ""
+
+
+# One mechanism per login: trying the next after a refusal counts as another failed
+# login, and providers lock accounts after a few of those.
+_PASSWORD_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+_AUTH_UNAVAILABLE_CODES = (502, 503, 504, 538)
+
+
+def _login_for(smtp: Smtp) -> _Login | None:
     if smtp.user is None:
         return None
     if smtp.auth == "xoauth2":
-        token = _oauth_token(smtp)
-        raw = f"user={smtp.user}\x01auth=Bearer {token}\x01\x01"
-        client.auth(
-            "XOAUTH2", lambda challenge=None: raw if challenge is None else "", initial_response_ok=True
+        return _Login(smtp.user, read_token(smtp), xoauth2=True)
+    return _Login(smtp.user, _password(smtp), xoauth2=False)
+
+
+def _authenticate(client: smtplib.SMTP, smtp: Smtp, login: _Login) -> str:
+    """AUTH with the first mechanism both sides know; returns its name.
+
+    Raises ``SmtpRejected`` (``smtp_auth_unavailable`` when the server offers no usable
+    mechanism, ``smtp_auth_failed`` when it refuses the credentials) or ``SmtpTemporaryFailure``.
+    """
+    where = f"{smtp.host}:{smtp.port}"
+    offered = client.esmtp_features.get("auth", "").upper().split()
+    wanted = ("XOAUTH2",) if login.xoauth2 else _PASSWORD_MECHANISMS
+    mechanism = next((m for m in wanted if m in offered), None)
+    if mechanism is None:
+        has = f"offers AUTH {' '.join(offered)}" if offered else "offers no AUTH"
+        plain = " on this unencrypted connection" if smtp.security == "none" else ""
+        raise SmtpRejected(
+            f"{where} {has}{plain}, not {' or '.join(wanted)}; cannot log in as {login.user}",
+            reason="smtp_auth_unavailable",
         )
-        return "XOAUTH2"
-    client.login(smtp.user, _password(smtp))
-    return "PLAIN/LOGIN"
+    authobject: _XOAuth2 | None = None
+    if login.xoauth2:
+        authobject = _XOAuth2(xoauth2_response(login.user, login.secret))
+    else:
+        client.user, client.password = login.user, login.secret
+    code: int
+    text: bytes | str
+    try:
+        if authobject is not None:
+            code, text = client.auth(mechanism, authobject, initial_response_ok=True)
+        elif mechanism == "PLAIN":
+            code, text = client.auth(mechanism, client.auth_plain, initial_response_ok=True)
+        elif mechanism == "LOGIN":
+            code, text = client.auth(mechanism, client.auth_login, initial_response_ok=True)
+        else:
+            code, text = client.auth(mechanism, client.auth_cram_md5, initial_response_ok=True)
+    except smtplib.SMTPAuthenticationError as e:
+        code, text = e.smtp_code, e.smtp_error
+    except UnicodeEncodeError:
+        raise ConfigurationError(
+            f"the SMTP user or its {'token' if login.xoauth2 else 'password'} has non-ASCII characters,"
+            f" which AUTH {mechanism} cannot carry here"
+        ) from None
+    finally:
+        client.password = ""
+    if code == 235:
+        return mechanism
+    reply = SmtpReply.parse(code, text)
+    detail = f"login as {login.user} with {mechanism} failed: {reply}"
+    if authobject is not None and authobject.error:
+        detail += f" (server's XOAUTH2 error: {authobject.error})"
+    if 400 <= code < 500:
+        raise SmtpTemporaryFailure(detail, smtp_reply=str(reply))
+    # smtplib returns 503 as "already authenticated"; on a connection's only AUTH it is a refusal.
+    reason = "smtp_auth_unavailable" if code in _AUTH_UNAVAILABLE_CODES else "smtp_auth_failed"
+    raise SmtpRejected(detail, reason=reason, smtp_reply=str(reply))
 
 
 def _password(smtp: Smtp) -> str:
@@ -204,23 +282,6 @@ def _password(smtp: Smtp) -> str:
         except OSError as e:
             raise ConfigurationError(f"cannot read password_file {smtp.password_file}: {e.strerror}") from e
     raise ConfigurationError("SMTP user is set but neither password nor password_file")
-
-
-def _oauth_token(smtp: Smtp) -> str:
-    try:
-        if smtp.token_file is not None:
-            token = smtp.token_file.read_text().strip()
-        else:
-            assert smtp.token_command is not None
-            done = subprocess.run(
-                smtp.token_command, shell=True, capture_output=True, text=True, timeout=30, check=True
-            )
-            token = done.stdout.strip()
-    except (OSError, subprocess.SubprocessError) as e:
-        raise SmtpConnectionError(f"cannot obtain the OAuth2 token: {type(e).__name__}") from e
-    if not token:
-        raise SmtpConnectionError("the OAuth2 token source gave an empty token")
-    return token
 
 
 def _transact(conn: _Connection, message: Composed) -> Delivery:

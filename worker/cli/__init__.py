@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from worker.cli import db, demo, dkim, run, send, sink, status, tenants
+from worker.cli import db, demo, dkim, run, send, sink, status, tenants, testmail
 from worker.cli.output import fail
 from worker.settings import Settings
 
-COMMANDS = (db, tenants, send, run, status, dkim, sink, demo)
+COMMANDS = (db, tenants, send, run, status, dkim, testmail, sink, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,65 @@
+"""XOAUTH2 through the real pipeline: RabbitMQ → worker → STARTTLS → AUTH XOAUTH2 → the sink."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.auth_sinks import TOKEN, USER, attempts, certificates, running, smtp_settings
+from tests.conftest import RunningWorker, received_messages, send_jobs, wait_final
+from worker.db import Connection
+from worker.documents import make_job
+from worker.settings import Settings
+
+MakeTenant = Callable[..., str]
+
+
+def test_a_tenant_with_a_token_command_sends_its_invoices_with_xoauth2(
+    settings: Settings, worker: RunningWorker, make_tenant: MakeTenant, db: Connection, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    tls = certificates(tmp_path)
+    with running(tmp_path, tls=tls) as auth_sink:
+        tenant = make_tenant(
+            smtp=smtp_settings(
+                auth_sink,
+                security="starttls",
+                auth="xoauth2",
+                token_command=f"cat {token_file}",
+                ca_file=str(tls.ca_file),
+                # The worker quits after the mail instead of pooling the connection: aiosmtpd
+                # leaks the transport of a TLS connection still open when it stops.
+                max_messages_per_connection=1,
+            )
+        )
+        job = make_job(tenant, "invoice", 1, user_id="u1", to="kunde@example.com")
+        [job_id] = send_jobs(settings, [job])
+        assert wait_final(db, [job_id])[job_id]["status"] == "sent"
+        [(record, message)] = received_messages(auth_sink)
+        assert attempts(auth_sink) == [("XOAUTH2", USER, True)]
+    assert record.rcpt_tos == ["kunde@example.com"]
+    assert message["Subject"] == job["subject"]
+
+
+def test_a_refused_token_fails_the_job_permanently_and_the_ledger_never_holds_the_token(
+    settings: Settings, worker: RunningWorker, make_tenant: MakeTenant, db: Connection, tmp_path: Path
+) -> None:
+    stale = "ya29.STALE-31f0_token"
+    token_file = tmp_path / "token"
+    token_file.write_text(stale)
+    with running(tmp_path) as auth_sink:
+        tenant = make_tenant(
+            smtp=smtp_settings(auth_sink, security="none", auth="xoauth2", token_file=str(token_file))
+        )
+        [job_id] = send_jobs(settings, [make_job(tenant, "invoice", 2, user_id="u1", to="kunde@example.com")])
+        row = wait_final(db, [job_id])[job_id]
+        assert attempts(auth_sink) == [("XOAUTH2", USER, False)], "permanent: no retry"
+        assert auth_sink.handler.received == []
+    assert row["status"] == "failed"
+    assert row["reason"] == "smtp_auth_failed"
+    assert row["smtp_reply"].startswith("535")
+    dead = db.execute("SELECT * FROM dead_letters WHERE job_id = %s", (job_id,)).fetchone()
+    assert dead is not None and dead["reason"] == "smtp_auth_failed"
+    for value in (*row.values(), *dead.values()):
+        assert stale not in str(value)
