@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     settings_cache_ms: int = Field(5000, ge=0)
     smtp_timeout_ms: int = Field(30000, gt=0)
     shutdown_grace_ms: int = Field(60000, gt=0)
+    queue_stats_interval_ms: int = Field(15000, gt=0)
 
     max_attempts: int = Field(8, ge=1)
     min_backoff_ms: int = Field(5000, gt=0)
