@@ -49,8 +49,15 @@ def run_worker_process(
     logger.info("worker process ready: %d bulk threads, %d receipt threads", threads, receipt_threads)
     stop.wait()
     logger.info("stopping: finishing in-flight jobs, handing back prefetched ones")
-    for _, worker in lanes:
-        worker.stop(timeout=settings.shutdown_grace_ms)
+    # Both lanes stop at once, so together they take at most one grace period.
+    stoppers = [
+        threading.Thread(target=worker.stop, kwargs={"timeout": settings.shutdown_grace_ms}, name=f"stop-{i}")
+        for i, (_, worker) in enumerate(lanes)
+    ]
+    for stopper in stoppers:
+        stopper.start()
+    for stopper in stoppers:
+        stopper.join()
     for broker, _ in lanes:
         broker.close()
     pipeline.close()
