@@ -34,6 +34,7 @@ class _TextFormatter(logging.Formatter):
 
 
 def configure_logging(log_format: str, level: int = logging.INFO) -> None:
+    """Log to stderr, one line per record: text, or one JSON object per line for ``json``."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
@@ -45,13 +46,19 @@ def configure_logging(log_format: str, level: int = logging.INFO) -> None:
     logging.getLogger("pika").setLevel(logging.WARNING)
 
 
+OUTCOME_FIELDS = ("job_id", "tenant", "document", "sender", "reason", "smtp_reply", "duration_ms")
+"""The fields every outcome line has (``null`` in JSON, left out in text, when they do not apply)."""
+
+
 def log_outcome(outcome: str, **fields: Any) -> None:
     """One line per job outcome: job id, tenant, document, sender, outcome, reason, SMTP reply, duration.
 
-    Never pass message bodies or secrets here.
+    Extra fields (``detail``, ``refused``, ``status``) are appended. Never pass
+    message bodies or secrets here.
     """
     level = logging.INFO if outcome in ("sent", "duplicate_prevented") else logging.WARNING
-    OUTCOME_LOGGER.log(level, "job %s", outcome, extra={"fields": {"outcome": outcome, **fields}})
+    record = {"outcome": outcome, **dict.fromkeys(OUTCOME_FIELDS), **fields}
+    OUTCOME_LOGGER.log(level, "job %s", outcome, extra={"fields": record})
 
 
-__all__ = ["configure_logging", "log_outcome"]
+__all__ = ["OUTCOME_FIELDS", "configure_logging", "log_outcome"]
