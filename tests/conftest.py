@@ -68,6 +68,14 @@ def delete_queues(settings: Settings) -> None:
     connection.close()
 
 
+@pytest.fixture
+def private_settings(settings: Settings) -> Iterator[Settings]:
+    """The run's settings with queues of this test's own, for a worker no other test feeds."""
+    mine = settings.model_copy(update={"queue_prefix": f"{settings.queue_prefix}-{uuid.uuid4().hex[:6]}"})
+    yield mine
+    delete_queues(mine)
+
+
 def settings_env(settings: Settings, **overrides: Any) -> dict[str, str]:
     """The environment a ``postbote`` subprocess needs to act on this test run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSTBOTE_")}
@@ -131,6 +139,7 @@ class RunningWorker:
         self.log = open(  # noqa: SIM115 - kept open for the worker's lifetime
             Path(os.environ.get("TMPDIR", "/tmp")) / f"postbote-worker-{uuid.uuid4().hex[:8]}.log", "w+"
         )
+        self.metrics_port = int(overrides.pop("metrics_port", free_port()))
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -142,7 +151,7 @@ class RunningWorker:
                 "--threads",
                 str(threads),
             ],
-            env=settings_env(settings, metrics_port=overrides.pop("metrics_port", free_port()), **overrides),
+            env=settings_env(settings, metrics_port=self.metrics_port, **overrides),
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
