@@ -136,9 +136,8 @@ def make_tenant(settings: Settings, sink: Sink, tmp_path: Path) -> Callable[...,
 
 class RunningWorker:
     def __init__(self, settings: Settings, *, processes: int = 1, threads: int = 4, **overrides: Any) -> None:
-        self.log = open(  # noqa: SIM115 - kept open for the worker's lifetime
-            Path(os.environ.get("TMPDIR", "/tmp")) / f"postbote-worker-{uuid.uuid4().hex[:8]}.log", "w+"
-        )
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"postbote-worker-{uuid.uuid4().hex[:8]}.log"
+        self.log = open(self.log_path, "w+")  # noqa: SIM115 - kept open for the worker's lifetime
         self.metrics_port = int(overrides.pop("metrics_port", free_port()))
         self.process = subprocess.Popen(
             [
@@ -165,9 +164,8 @@ class RunningWorker:
         return code
 
     def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
+        """Everything the worker wrote so far (also after ``stop``)."""
+        return self.log_path.read_text()
 
 
 @pytest.fixture(scope="session")
