@@ -16,7 +16,7 @@ from worker.db import Connection
 from worker.documents import make_job
 from worker.logs import OUTCOME_FIELDS
 from worker.settings import Settings
-from worker.sink import Sink
+from worker.sink import Sink, free_port
 
 PASSWORD = "Pw-9f3c1e-never-logged"
 BODY_TEXT = "Vertraulicher Inhalt 58213 nur für den Kunden"
@@ -75,3 +75,27 @@ def test_a_json_worker_logs_one_parseable_outcome_line_without_body_or_password(
 
     assert PASSWORD not in log
     assert "Vertraulicher Inhalt" not in log
+
+
+def test_a_failing_send_logs_the_job_id_but_never_the_job_itself(
+    private_settings: Settings, make_tenant: Any, db: Connection
+) -> None:
+    tenant = make_tenant(
+        smtp={"host": "127.0.0.1", "port": free_port(), "security": "none", "helo": "test.postbote"}
+    )
+    job = make_job(tenant, "invoice", 8, user_id="u1", to="kunde@example.com")
+    job["body"] = {"text": BODY_TEXT}
+    running = RunningWorker(private_settings, threads=1, log_format="json")
+    try:
+        [job_id] = send_jobs(private_settings, [job])
+        wait_for(lambda: "Failed to process message" in running.output(), timeout=30, what="dramatiq's error")
+    finally:
+        running.stop()
+    records = [json.loads(line) for line in running.output().splitlines() if line.strip()]
+
+    retrying = [r for r in records if r["logger"] == "postbote.outcome" and r["outcome"] == "retrying"]
+    assert retrying and retrying[0]["reason"] == "smtp_connection"
+    failures = [r["message"] for r in records if r["message"].startswith("Failed to process message")]
+    assert failures and all(f"send_document[{job_id}]" in m for m in failures)
+    assert "Vertraulicher Inhalt" not in running.output()
+    assert job["attachments"][0]["content_base64"][:40] not in running.output()
