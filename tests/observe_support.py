@@ -55,3 +55,9 @@ def wait_metrics(port: int, timeout: float = 30) -> str:
 def _metrics_if_up(port: int) -> str | None:
     status, body = http_get(port, "/metrics", timeout=2)
     return body if status == 200 else None
+
+
+def metrics_when(port: int, check: Callable[[str], bool]) -> str | None:
+    """The worker's ``/metrics`` if ``check`` accepts it, else ``None`` (for ``wait_for``)."""
+    text = http_get(port, "/metrics")[1]
+    return text if check(text) else None
