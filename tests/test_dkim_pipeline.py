@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import RunningWorker, received_messages, send_jobs, wait_final
+from tests.dkim_support import dkimpy_verify, perl_verify
 from worker.db import Connection
 from worker.dkim_keys import dns_record, generate_private_key, private_key_pem
 from worker.documents import make_job
 from worker.settings import Settings
 from worker.sink import Sink
-
-from tests.conftest import RunningWorker, received_messages, send_jobs, wait_final
-from tests.dkim_support import dkimpy_verify, perl_verify
 
 
 def test_a_sent_invoice_with_attachment_and_umlauts_verifies_with_dkimpy_and_mail_dkim(
@@ -22,8 +21,12 @@ def test_a_sent_invoice_with_attachment_and_umlauts_verifies_with_dkimpy_and_mai
     key_file = tmp_path / "dkim.pem"
     key_file.write_bytes(private_key_pem(key))
     record = dns_record("acme.example", "s2026", key)
-    tenant = make_tenant(dkim={"domain": "acme.example", "selector": "s2026", "private_key_file": str(key_file)})
-    job = make_job(tenant, "invoice", 1, user_id="u1", to="kunde@example.com", subject="Rechnung für Müller & Söhne")
+    tenant = make_tenant(
+        dkim={"domain": "acme.example", "selector": "s2026", "private_key_file": str(key_file)}
+    )
+    job = make_job(
+        tenant, "invoice", 1, user_id="u1", to="kunde@example.com", subject="Rechnung für Müller & Söhne"
+    )
     job["body"]["text"] = "Zeile " + "x" * 300 + "\nÄnderungen vorbehalten.\n"
     [job_id] = send_jobs(settings, [job])
     assert wait_final(db, [job_id])[job_id]["status"] == "sent"
