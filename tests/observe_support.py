@@ -24,7 +24,7 @@ def http_get(port: int, path: str, timeout: float = 10) -> tuple[int, str]:
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float = 30, what: str = "condition") -> T:
-    """Call ``probe`` until it returns something other than ``None`` (or falsy), and return that."""
+    """Call ``probe`` until it returns something truthy, and return that (OSError counts as not yet)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
