@@ -39,3 +39,16 @@ METRIC_POSSIBLE_DUPLICATES = "postbote_possible_duplicates_total"
 METRIC_RETRIES = "postbote_retries_total"
 METRIC_DEAD_LETTERED = "postbote_dead_lettered_total"
 METRIC_SMTP_CONNECTIONS_OPENED = "postbote_smtp_connections_opened_total"
+
+DEAD_LETTER_QUEUE_LABEL = "dead"
+"""The ``queue`` label of the dead-letter store (the PostgreSQL table ``dead_letters``)."""
+
+# dramatiq's own metrics, under the names its Prometheus middleware uses, so
+# dashboards written for dramatiq work unchanged.
+DRAMATIQ_MESSAGES = "dramatiq_messages_total"
+DRAMATIQ_MESSAGE_ERRORS = "dramatiq_message_errors_total"
+DRAMATIQ_MESSAGE_RETRIES = "dramatiq_message_retries_total"
+DRAMATIQ_MESSAGE_REJECTS = "dramatiq_message_rejects_total"
+DRAMATIQ_MESSAGES_IN_PROGRESS = "dramatiq_messages_inprogress"
+DRAMATIQ_DELAYED_MESSAGES_IN_PROGRESS = "dramatiq_delayed_messages_inprogress"
+DRAMATIQ_MESSAGE_DURATION = "dramatiq_message_duration_milliseconds"

@@ -139,6 +139,7 @@ class RunningWorker:
 
     def __init__(self, settings: Settings, *, processes: int = 1, threads: int = 4, **overrides: Any) -> None:
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"postbote-worker-{uuid.uuid4().hex[:8]}.log"
+        self.metrics_port = int(overrides.pop("metrics_port", free_port()))
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
                 [
@@ -151,9 +152,7 @@ class RunningWorker:
                     "--threads",
                     str(threads),
                 ],
-                env=settings_env(
-                    settings, metrics_port=overrides.pop("metrics_port", free_port()), **overrides
-                ),
+                env=settings_env(settings, metrics_port=self.metrics_port, **overrides),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
@@ -165,6 +164,7 @@ class RunningWorker:
         return self.process.wait(timeout=timeout)
 
     def output(self) -> str:
+        """Everything the worker wrote so far (also after ``stop``)."""
         return self.log_path.read_text()
 
 

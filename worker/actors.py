@@ -108,7 +108,13 @@ class Pipeline:
         labels = (job.tenant, job.document.type.value)
         if claim.claim is Claim.DONE:
             metrics.DUPLICATES_PREVENTED.labels(job.tenant).inc()
-            log_outcome("duplicate_prevented", job_id=job.job_id, tenant=job.tenant, status=claim.status)
+            log_outcome(
+                "duplicate_prevented",
+                job_id=job.job_id,
+                tenant=job.tenant,
+                document=f"{job.document.type.value} {job.document.number}",
+                status=claim.status,
+            )
             return
         if claim.claim is Claim.CONFLICT:
             raise InvalidJob(
@@ -243,6 +249,7 @@ class Pipeline:
             "retrying",
             job_id=job.job_id,
             tenant=job.tenant,
+            document=f"{job.document.type.value} {job.document.number}",
             reason=error.reason,
             detail=str(error),
             smtp_reply=error.smtp_reply,

@@ -7,6 +7,9 @@ import logging
 import sys
 from typing import Any
 
+from dramatiq.broker import MessageProxy
+from dramatiq.message import Message
+
 OUTCOME_LOGGER = logging.getLogger("postbote.outcome")
 
 
@@ -33,25 +36,46 @@ class _TextFormatter(logging.Formatter):
         return line
 
 
+class _HideMessageContents(logging.Filter):
+    """dramatiq logs a failed or skipped message as its whole call, job body and attachments included:
+    keep only the actor and the message id (the job id) of any message passed as a log argument."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, Message | MessageProxy) for a in record.args):
+            record.args = tuple(
+                f"{a.actor_name}[{a.message_id}]" if isinstance(a, Message | MessageProxy) else a
+                for a in record.args
+            )
+        return True
+
+
 def configure_logging(log_format: str, level: int = logging.INFO) -> None:
+    """Log to stderr, one line per record: text, or one JSON object per line for ``json``."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"))
+    handler.addFilter(_HideMessageContents())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("pika").setLevel(logging.WARNING)
 
 
+OUTCOME_FIELDS = ("job_id", "tenant", "document", "sender", "reason", "smtp_reply", "duration_ms")
+"""The fields every outcome line has (``null`` in JSON, left out in text, when they do not apply)."""
+
+
 def log_outcome(outcome: str, **fields: Any) -> None:
     """One line per job outcome: job id, tenant, document, sender, outcome, reason, SMTP reply, duration.
 
-    Never pass message bodies or secrets here.
+    Extra fields (``detail``, ``refused``, ``status``) are appended. Never pass
+    message bodies or secrets here.
     """
     level = logging.INFO if outcome in ("sent", "duplicate_prevented") else logging.WARNING
-    OUTCOME_LOGGER.log(level, "job %s", outcome, extra={"fields": {"outcome": outcome, **fields}})
+    record = {"outcome": outcome, **dict.fromkeys(OUTCOME_FIELDS), **fields}
+    OUTCOME_LOGGER.log(level, "job %s", outcome, extra={"fields": record})
 
 
-__all__ = ["configure_logging", "log_outcome"]
+__all__ = ["OUTCOME_FIELDS", "configure_logging", "log_outcome"]

@@ -1,7 +1,10 @@
 """Prometheus metrics. Labels stay bounded: tenant, document type, reason, queue — never addresses or ids.
 
-With several worker processes the supervisor sets ``PROMETHEUS_MULTIPROC_DIR``
-before any process imports this module (prometheus-client multiprocess mode).
+The supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` to a fresh directory before it
+spawns the worker processes, so every object here writes to per-process files
+that ``/metrics`` adds up (prometheus-client multiprocess mode). The queue gauges
+(``postbote_queue_*``) are not here: the supervisor alone computes them
+(``worker.queue_gauges``), so they are counted once per host.
 """
 
 from __future__ import annotations
@@ -40,18 +43,6 @@ RATELIMIT_WAIT_SECONDS = Histogram(
     ["tenant"],
     buckets=_WAIT_BUCKETS,
 )
-QUEUE_MESSAGES = Gauge(
-    names.METRIC_QUEUE_MESSAGES,
-    "Messages waiting, per queue (dead = dead-letter store).",
-    ["queue"],
-    multiprocess_mode="liveall",
-)
-QUEUE_OLDEST_AGE_SECONDS = Gauge(
-    names.METRIC_QUEUE_OLDEST_AGE_SECONDS,
-    "Age of the oldest waiting message, per queue.",
-    ["queue"],
-    multiprocess_mode="liveall",
-)
 DUPLICATES_PREVENTED = Counter(
     names.METRIC_DUPLICATES_PREVENTED.removesuffix("_total"),
     "Redelivered jobs acknowledged without sending, as the ledger said done.",
@@ -78,15 +69,59 @@ SMTP_CONNECTIONS_OPENED = Counter(
     ["tenant"],
 )
 
+DRAMATIQ_MESSAGES = Counter(
+    names.DRAMATIQ_MESSAGES.removesuffix("_total"),
+    "The total number of messages processed.",
+    ["queue_name", "actor_name"],
+)
+DRAMATIQ_MESSAGE_ERRORS = Counter(
+    names.DRAMATIQ_MESSAGE_ERRORS.removesuffix("_total"),
+    "The total number of errored messages.",
+    ["queue_name", "actor_name"],
+)
+DRAMATIQ_MESSAGE_RETRIES = Counter(
+    names.DRAMATIQ_MESSAGE_RETRIES.removesuffix("_total"),
+    "The total number of retried messages.",
+    ["queue_name", "actor_name"],
+)
+DRAMATIQ_MESSAGE_REJECTS = Counter(
+    names.DRAMATIQ_MESSAGE_REJECTS.removesuffix("_total"),
+    "The total number of dead-lettered messages.",
+    ["queue_name", "actor_name"],
+)
+DRAMATIQ_MESSAGES_IN_PROGRESS = Gauge(
+    names.DRAMATIQ_MESSAGES_IN_PROGRESS,
+    "The number of messages in progress.",
+    ["queue_name", "actor_name"],
+    multiprocess_mode="livesum",
+)
+DRAMATIQ_DELAYED_MESSAGES_IN_PROGRESS = Gauge(
+    names.DRAMATIQ_DELAYED_MESSAGES_IN_PROGRESS,
+    "The number of delayed messages in memory.",
+    ["queue_name", "actor_name"],
+    multiprocess_mode="livesum",
+)
+DRAMATIQ_MESSAGE_DURATION = Histogram(
+    names.DRAMATIQ_MESSAGE_DURATION,
+    "The time spent processing messages.",
+    ["queue_name", "actor_name"],
+    buckets=(5, 10, 25, 50, 75, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000, 30000, 60000, 600000),
+)
+
 __all__ = [
     "DEAD_LETTERED",
     "DKIM_SIGN_SECONDS",
+    "DRAMATIQ_DELAYED_MESSAGES_IN_PROGRESS",
+    "DRAMATIQ_MESSAGES",
+    "DRAMATIQ_MESSAGES_IN_PROGRESS",
+    "DRAMATIQ_MESSAGE_DURATION",
+    "DRAMATIQ_MESSAGE_ERRORS",
+    "DRAMATIQ_MESSAGE_REJECTS",
+    "DRAMATIQ_MESSAGE_RETRIES",
     "DUPLICATES_PREVENTED",
     "MAILS_FAILED",
     "MAILS_SENT",
     "POSSIBLE_DUPLICATES",
-    "QUEUE_MESSAGES",
-    "QUEUE_OLDEST_AGE_SECONDS",
     "RATELIMIT_WAIT_SECONDS",
     "RETRIES",
     "SMTP_CONNECTIONS_OPENED",

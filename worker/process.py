@@ -18,13 +18,20 @@ from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE
 from worker.actors import Pipeline, register_actor
 from worker.broker import make_broker
 from worker.logs import configure_logging
+from worker.middleware import Metrics
+from worker.queue_gauges import StartedMarks
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-def run_worker_process(settings_data: dict[str, Any], threads: int, receipt_threads: int) -> None:
-    """Entry point of a spawned worker process; returns after SIGTERM once in-flight jobs are done."""
+def run_worker_process(
+    settings_data: dict[str, Any], threads: int, receipt_threads: int, started: StartedMarks | None = None
+) -> None:
+    """Entry point of a spawned worker process; returns after SIGTERM once in-flight jobs are done.
+
+    ``started`` is the supervisor's shared record of what was started, for the queue-age gauge.
+    """
     settings = Settings.model_validate(settings_data)
     configure_logging(settings.log_format)
     stop = threading.Event()
@@ -34,7 +41,7 @@ def run_worker_process(settings_data: dict[str, Any], threads: int, receipt_thre
     pipeline = Pipeline(settings)
     lanes = []
     for lane, count in ((DOCUMENTS_QUEUE, threads), (RECEIPTS_QUEUE, receipt_threads)):
-        broker = make_broker(settings, extra=[CurrentMessage()])
+        broker = make_broker(settings, extra=[CurrentMessage(), Metrics(settings.queue_prefix, started)])
         queue = register_actor(broker, pipeline, settings.queue_prefix, lane)
         worker = Worker(broker, queues={queue}, worker_threads=count, worker_timeout=100)
         worker.start()
@@ -42,8 +49,15 @@ def run_worker_process(settings_data: dict[str, Any], threads: int, receipt_thre
     logger.info("worker process ready: %d bulk threads, %d receipt threads", threads, receipt_threads)
     stop.wait()
     logger.info("stopping: finishing in-flight jobs, handing back prefetched ones")
-    for _, worker in lanes:
-        worker.stop(timeout=settings.shutdown_grace_ms)
+    # Both lanes stop at once, so together they take at most one grace period.
+    stoppers = [
+        threading.Thread(target=worker.stop, kwargs={"timeout": settings.shutdown_grace_ms}, name=f"stop-{i}")
+        for i, (_, worker) in enumerate(lanes)
+    ]
+    for stopper in stoppers:
+        stopper.start()
+    for stopper in stoppers:
+        stopper.join()
     for broker, _ in lanes:
         broker.close()
     pipeline.close()

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     shutdown_grace_ms: int = Field(60000, gt=0)
     series_lease_ms: int = Field(90000, gt=0)
     series_max_wait_ms: int = Field(10000, ge=0)
+    queue_stats_interval_ms: int = Field(15000, gt=0)
 
     max_attempts: int = Field(8, ge=1)
     min_backoff_ms: int = Field(5000, gt=0)

@@ -20,22 +20,30 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from worker.probes import check_broker, check_database
+from worker.queue_gauges import QueueGauges, StartedMarks
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
 def supervise(settings: Settings, *, processes: int, threads: int, receipt_threads: int) -> int:
+    """Run ``processes`` worker processes until SIGTERM or SIGINT; returns the exit code (0)."""
+    # A fresh directory per run: files left by an earlier run (or another
+    # supervisor on the host) would otherwise be added to this run's counters.
     metrics_dir = tempfile.mkdtemp(prefix="postbote-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     context = multiprocessing.get_context("spawn")
     settings_data = settings.model_dump()
+    started = StartedMarks(context)
+    gauges = QueueGauges(settings, started)
 
     def start() -> BaseProcess:
         from worker.process import run_worker_process
 
         process = context.Process(
-            target=run_worker_process, args=(settings_data, threads, receipt_threads), daemon=False
+            target=run_worker_process,
+            args=(settings_data, threads, receipt_threads, started),
+            daemon=False,
         )
         process.start()
         return process
@@ -43,7 +51,8 @@ def supervise(settings: Settings, *, processes: int, threads: int, receipt_threa
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    server = _serve_http(settings)
+    server = _serve_http(settings, gauges)
+    threading.Thread(target=gauges.run, args=(stop,), name="queue-gauges", daemon=True).start()
     children = [start() for _ in range(processes)]
     logger.info(
         "postbote worker: %d processes × %d threads (+%d for receipts), metrics on :%d",
@@ -85,15 +94,17 @@ def _mark_dead(child: BaseProcess) -> None:
         multiprocess.mark_process_dead(child.pid)  # type: ignore[no-untyped-call]
 
 
-def _serve_http(settings: Settings) -> ThreadingHTTPServer | None:
+def _serve_http(settings: Settings, gauges: QueueGauges) -> ThreadingHTTPServer | None:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(gauges)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
             path = self.path.split("?")[0]
             if path == "/metrics":
-                registry = CollectorRegistry()
-                multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
                 self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 self._reply(200, b"ok\n")

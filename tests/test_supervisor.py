@@ -1,0 +1,70 @@
+"""The supervisor replaces a killed worker process; the dead process's counters stay, its gauges go."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas.constants import DRAMATIQ_MESSAGES_IN_PROGRESS, METRIC_MAILS_SENT, queue_name
+from tests.conftest import RunningWorker, send_jobs, wait_final
+from tests.observe_support import http_get, metrics_when, sample, wait_for, wait_metrics
+from worker.db import Connection
+from worker.documents import make_job
+from worker.settings import Settings
+from worker.sink import Sink
+from worker.sink.slow import SlowHandler
+
+
+@pytest.fixture
+def slow_sink(tmp_path: Path) -> Iterator[Sink]:
+    running = Sink(tmp_path / "slow", handler=SlowHandler(tmp_path / "slow", delay_s=3.0))
+    yield running
+    running.stop()
+
+
+def _ready_pids(output: str) -> list[int]:
+    return [int(pid) for pid in re.findall(r"worker\.process\[(\d+)\] worker process ready", output)]
+
+
+def test_a_killed_worker_process_is_replaced_and_its_in_progress_gauge_dropped(
+    own_queues: Settings, sink: Sink, slow_sink: Sink, make_tenant: Any, db: Connection
+) -> None:
+    quick = make_tenant()
+    slow = make_tenant(
+        smtp={"host": slow_sink.host, "port": slow_sink.port, "security": "none", "helo": "test.postbote"}
+    )
+    running = RunningWorker(own_queues, threads=1)
+    in_progress = {"queue_name": queue_name(own_queues.queue_prefix, "documents")}
+    try:
+        wait_metrics(running.metrics_port)
+        [first] = wait_for(lambda: _ready_pids(running.output()), what="a worker process")
+        ids = send_jobs(
+            own_queues,
+            [make_job(quick, "offer", n, user_id="u1", to="k@example.com") for n in range(2)],
+        )
+        wait_final(db, ids)
+        send_jobs(own_queues, [make_job(slow, "offer", 9, user_id="u1", to="k@example.com")])
+        assert isinstance(slow_sink.handler, SlowHandler)
+        assert slow_sink.handler.data_started.wait(30)
+        before = http_get(running.metrics_port, "/metrics")[1]
+        assert sample(before, DRAMATIQ_MESSAGES_IN_PROGRESS, **in_progress) == 1
+
+        os.kill(first, signal.SIGKILL)
+
+        wait_for(lambda: len(_ready_pids(running.output())) == 2, what="a replacement process")
+        assert f"worker process {first} exited with -9; starting a new one" in running.output()
+        text = wait_for(
+            lambda: metrics_when(
+                running.metrics_port, lambda t: sample(t, DRAMATIQ_MESSAGES_IN_PROGRESS, **in_progress) == 0
+            ),
+            what="the dead process's in-progress gauge gone",
+        )
+        assert sample(text, METRIC_MAILS_SENT, tenant=quick) == 2
+    finally:
+        running.stop()

@@ -1,0 +1,5 @@
+"""dramatiq middleware: cross-cutting concerns of the worker processes."""
+
+from worker.middleware.metrics import Metrics
+
+__all__ = ["Metrics"]
