@@ -286,3 +286,17 @@ def test_a_missing_key_file_is_a_configuration_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigurationError, match="cannot read DKIM key file"):
         load_signer(config)
+
+
+def test_the_fast_body_canonicalization_equals_dkimpys_on_random_bodies() -> None:
+    import random
+
+    from dkim.canonicalization import Relaxed
+
+    from worker.dkim import relaxed_body
+
+    pieces = [b" ", b"\t", b"\r\n", b"a", b"\n", b"\r", b"=20", b"  "]
+    rng = random.Random(6376)
+    for _ in range(20_000):
+        body = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        assert relaxed_body(body) == Relaxed.canonicalize_body(body), body
