@@ -9,15 +9,12 @@ from typing import Any
 from uuid import UUID
 
 import pika
-import pika.exceptions
 from pydantic import ValidationError
 
+from producer.confirms import ConfirmError, publish_confirmed
 from producer.envelope import encode, envelope
-from producer.queues import declare_queues
 from schemas.constants import DEFAULT_MAX_JOB_BYTES
 from schemas.job import Job
-
-_PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type="application/json")
 
 
 class PublishError(Exception):
@@ -91,39 +88,26 @@ def _validate_all(items: Iterable[tuple[int, Any]], max_job_bytes: int) -> tuple
 def publish(jobs: Sequence[Job], *, broker_url: str, queue_prefix: str) -> list[UUID]:
     """Publish ``jobs`` as persistent messages; returns their ids once the broker confirmed each.
 
+    Confirms are collected in batches (many messages in flight), but nothing is
+    reported before the broker confirmed it.
+
     Raises:
       PublishError: the broker is unreachable or refused a message; ``confirmed``
         lists the jobs confirmed before that (their ids are safe to report).
     """
-    confirmed: list[UUID] = []
+    messages = []
+    for job in jobs:
+        message = envelope(job, queue_prefix)
+        messages.append((str(message["queue_name"]), encode(message)))
     params = pika.URLParameters(broker_url)
+    params.connection_attempts = 1
+    params.socket_timeout = 10
     try:
-        connection = pika.BlockingConnection(params)
-    except (pika.exceptions.AMQPError, OSError) as e:
-        raise PublishError(
-            f"cannot connect to RabbitMQ at {params.host}:{params.port}: {type(e).__name__}", confirmed
-        ) from e
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        declared: set[str] = set()
-        for job in jobs:
-            message = envelope(job, queue_prefix)
-            queue = message["queue_name"]
-            if queue not in declared:
-                declare_queues(channel, queue)
-                declared.add(queue)
-            channel.basic_publish("", queue, encode(message), _PERSISTENT, mandatory=True)
-            confirmed.append(job.job_id)
-    except (pika.exceptions.AMQPError, OSError) as e:
-        raise PublishError(
-            f"RabbitMQ did not confirm job {len(confirmed) + 1} of {len(jobs)}: {type(e).__name__} {e}",
-            confirmed,
-        ) from e
-    finally:
-        if connection.is_open:
-            connection.close()
-    return confirmed
+        publish_confirmed(params, messages)
+    except ConfirmError as e:
+        confirmed = [job.job_id for job in jobs[: e.confirmed]]
+        raise PublishError(f"{e} (RabbitMQ at {params.host}:{params.port})", confirmed) from e
+    return [job.job_id for job in jobs]
 
 
 __all__ = ["InputError", "PublishError", "parse_jobs", "publish"]

@@ -1,0 +1,170 @@
+"""Publish many messages with publisher confirms without waiting for each one (pika's async connection).
+
+The blocking channel in confirm mode waits for the broker's ack after every
+message; here up to ``window`` messages are in flight and the broker's
+(multiple) acks are collected as they come. The call returns once every
+message is confirmed, or raises with the count of those confirmed in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.channel import Channel
+from pika.frame import Method
+from pika.spec import Basic
+
+from producer.queues import DEAD_MESSAGE_TTL_MS, queue_arguments
+
+_PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+
+
+class ConfirmError(Exception):
+    """Not every message was confirmed; ``confirmed`` counts the leading ones that were."""
+
+    def __init__(self, message: str, confirmed: int) -> None:
+        super().__init__(message)
+        self.confirmed = confirmed
+
+
+def publish_confirmed(
+    parameters: pika.connection.Parameters, messages: Sequence[tuple[str, bytes]], *, window: int = 2000
+) -> None:
+    """Publish ``(queue, body)`` pairs persistently; return when the broker confirmed all of them.
+
+    Raises:
+      ConfirmError: the connection failed, a message was nacked or could not be routed.
+    """
+    run = _Run(parameters, messages, window)
+    try:
+        run.connection.ioloop.start()
+    finally:
+        run.connection.ioloop.close()
+    if run.error is not None:
+        raise ConfirmError(run.error, run.confirmed_prefix())
+
+
+class _Run:
+    def __init__(
+        self, parameters: pika.connection.Parameters, messages: Sequence[tuple[str, bytes]], window: int
+    ) -> None:
+        self.messages = messages
+        self.window = window
+        self.sent = 0
+        self.acked_upto = 0
+        self.acked_beyond: set[int] = set()
+        self.frozen: int | None = None
+        self.error: str | None = None
+        self.channel: Channel | None = None
+        self.connection = pika.SelectConnection(
+            parameters,
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_closed,
+        )
+
+    def confirmed_prefix(self) -> int:
+        """How many leading messages the broker confirmed (frozen at the first failure)."""
+        return self.acked_upto if self.frozen is None else self.frozen
+
+    def _fail(self, error: str, confirmed: int) -> None:
+        if self.error is None:
+            self.error = error
+            self.frozen = min(confirmed, self.acked_upto)
+        if self.connection.is_open:
+            self.connection.close()
+
+    def _on_open(self, connection: pika.SelectConnection) -> None:
+        connection.channel(on_open_callback=self._on_channel)
+
+    def _on_open_error(self, connection: pika.SelectConnection, error: BaseException | str) -> None:
+        self.error = (
+            f"cannot connect to RabbitMQ: {type(error).__name__ if not isinstance(error, str) else error}"
+        )
+        connection.ioloop.stop()
+
+    def _on_closed(self, connection: pika.SelectConnection, reason: BaseException) -> None:
+        if self.error is None and self.acked_upto < len(self.messages):
+            self.error = f"connection to RabbitMQ closed: {reason}"
+            self.frozen = self.acked_upto
+        connection.ioloop.stop()
+
+    def _on_channel(self, channel: Channel) -> None:
+        self.channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _: self._declare())
+
+    def _declare(self) -> None:
+        assert self.channel is not None
+        queues = list(dict.fromkeys(queue for queue, _ in self.messages))
+        steps: list[_Step] = []
+        for queue in queues:
+            steps += [
+                _declare(self.channel, queue, queue_arguments(queue)),
+                _declare(self.channel, f"{queue}.DQ", queue_arguments(queue)),
+                _declare(self.channel, f"{queue}.XQ", {"x-message-ttl": DEAD_MESSAGE_TTL_MS}),
+            ]
+        _chain(steps, self._publish_more)
+
+    def _publish_more(self) -> None:
+        assert self.channel is not None
+        while self.sent < len(self.messages) and self.sent - self.acked_upto < self.window:
+            queue, body = self.messages[self.sent]
+            self.channel.basic_publish("", queue, body, _PERSISTENT, mandatory=True)
+            self.sent += 1
+        if not self.messages:
+            self.connection.close()
+
+    def _on_confirm(self, frame: Method[Any]) -> None:
+        method = frame.method
+        tag = int(method.delivery_tag)
+        if isinstance(method, Basic.Nack):
+            self._fail(f"RabbitMQ refused message {tag}", tag - 1)
+            return
+        if method.multiple:
+            self.acked_upto = max(self.acked_upto, tag)
+        else:
+            self.acked_beyond.add(tag)
+        while self.acked_upto + 1 in self.acked_beyond:
+            self.acked_upto += 1
+            self.acked_beyond.discard(self.acked_upto)
+        if self.error is not None:
+            return
+        if self.acked_upto >= len(self.messages):
+            self.connection.close()
+        else:
+            self._publish_more()
+
+    def _on_return(self, channel: Channel, method: Basic.Return, properties: Any, body: bytes) -> None:
+        self._fail(
+            f"RabbitMQ could not route a message to {method.routing_key}: {method.reply_text}",
+            self.acked_upto,
+        )
+
+    def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
+        if self.confirmed_prefix() < len(self.messages):
+            self._fail(f"RabbitMQ closed the channel: {reason}", self.acked_upto)
+
+
+_Step = Callable[[Callable[[], None]], None]
+
+
+def _declare(channel: Channel, queue: str, arguments: dict[str, Any]) -> _Step:
+    def step(then: Callable[[], None]) -> None:
+        channel.queue_declare(queue, durable=True, arguments=arguments, callback=lambda _: then())
+
+    return step
+
+
+def _chain(steps: list[_Step], done: Callable[[], None]) -> None:
+    if not steps:
+        done()
+        return
+    steps[0](lambda: _chain(steps[1:], done))
+
+
+__all__ = ["ConfirmError", "publish_confirmed"]
