@@ -12,15 +12,21 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from worker.db import connect
+from worker.errors import DatabaseUnavailable
+from worker.ledger import release_claims
 from worker.probes import check_broker, check_database
 from worker.settings import Settings
+from worker.sweeper import sweep_forever
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +37,17 @@ def supervise(settings: Settings, *, processes: int, threads: int, receipt_threa
     context = multiprocessing.get_context("spawn")
     settings_data = settings.model_dump()
 
+    holders: dict[int, str] = {}
+
     def start() -> BaseProcess:
         from worker.process import run_worker_process
 
+        holder = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
         process = context.Process(
-            target=run_worker_process, args=(settings_data, threads, receipt_threads), daemon=False
+            target=run_worker_process, args=(settings_data, threads, receipt_threads, holder), daemon=False
         )
         process.start()
+        holders[id(process)] = holder
         return process
 
     stop = threading.Event()
@@ -45,6 +55,7 @@ def supervise(settings: Settings, *, processes: int, threads: int, receipt_threa
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     server = _serve_http(settings)
     children = [start() for _ in range(processes)]
+    threading.Thread(target=sweep_forever, args=(settings, stop), name="xq-sweeper", daemon=True).start()
     logger.info(
         "postbote worker: %d processes × %d threads (+%d for receipts), metrics on :%d",
         processes,
@@ -60,6 +71,7 @@ def supervise(settings: Settings, *, processes: int, threads: int, receipt_threa
                         "worker process %s exited with %s; starting a new one", child.pid, child.exitcode
                     )
                     _mark_dead(child)
+                    _release_claims(settings, holders.pop(id(child), ""))
                     children[i] = start()
     finally:
         for child in children:
@@ -76,6 +88,18 @@ def supervise(settings: Settings, *, processes: int, threads: int, receipt_threa
             server.shutdown()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _release_claims(settings: Settings, holder: str) -> None:
+    """A dead process's claims are stale now (the ledger's stale-claim rule), not in minutes."""
+    try:
+        with connect(settings.database_url) as conn:
+            released = release_claims(conn, holder)
+    except DatabaseUnavailable as e:
+        logger.warning("cannot release the claims of %s now (%s); they expire on their own", holder, e)
+        return
+    if released:
+        logger.warning("released %d claim(s) of the dead worker process %s", released, holder)
 
 
 def _mark_dead(child: BaseProcess) -> None:
