@@ -126,4 +126,39 @@ def publish(jobs: Sequence[Job], *, broker_url: str, queue_prefix: str) -> list[
     return confirmed
 
 
-__all__ = ["InputError", "PublishError", "parse_jobs", "publish"]
+def publish_messages(messages: Sequence[dict[str, Any]], *, broker_url: str) -> int:
+    """Publish ready dramatiq messages (e.g. replays) to their ``queue_name``, persistently and
+    confirmed; returns how many were confirmed.
+
+    Raises:
+      PublishError: the broker is unreachable or did not confirm a message.
+    """
+    params = pika.URLParameters(broker_url)
+    try:
+        connection = pika.BlockingConnection(params)
+    except (pika.exceptions.AMQPError, OSError) as e:
+        raise PublishError(
+            f"cannot connect to RabbitMQ at {params.host}:{params.port}: {type(e).__name__}", []
+        ) from e
+    confirmed = 0
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for queue in sorted({str(m["queue_name"]) for m in messages}):
+            declare_queues(channel, queue)
+        for message in messages:
+            channel.basic_publish(
+                "", str(message["queue_name"]), encode(message), _PERSISTENT, mandatory=True
+            )
+            confirmed += 1
+    except (pika.exceptions.AMQPError, OSError) as e:
+        raise PublishError(
+            f"RabbitMQ did not confirm message {confirmed + 1}: {type(e).__name__} {e}", []
+        ) from e
+    finally:
+        if connection.is_open:
+            connection.close()
+    return confirmed
+
+
+__all__ = ["InputError", "PublishError", "parse_jobs", "publish", "publish_messages"]

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from worker.cli import db, demo, run, send, sink, status, tenants
+from worker.cli import db, demo, dlq, run, send, sink, status, tenants
 from worker.cli.output import fail
 from worker.settings import Settings
 
-COMMANDS = (db, tenants, send, run, status, sink, demo)
+COMMANDS = (db, tenants, send, run, status, dlq, sink, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
