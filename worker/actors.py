@@ -319,7 +319,7 @@ def register_actor(broker: dramatiq.Broker, pipeline: Pipeline, prefix: str, lan
         actor_name=actor_of(lane),
         queue_name=queue,
         priority=0 if lane == RECEIPTS_QUEUE else 10,
-        options={},
+        options={"throws": (TransientError,)},
     )
     return queue
 

@@ -302,7 +302,7 @@ def _translate(error: BaseException, stage: str) -> SmtpTemporaryFailure | SmtpR
         return error
     if isinstance(error, smtplib.SMTPResponseException):
         return _classify(SmtpReply.parse(error.smtp_code, error.smtp_error), stage)
-    if isinstance(error, TimeoutError):
+    if isinstance(error, TimeoutError) or isinstance(error.__context__, TimeoutError):
         after = " after the final dot; the server may have taken the mail" if stage == "DATA" else ""
         return SmtpTimeout(f"{stage}: no answer in time{after}")
     return SmtpConnectionError(f"{stage}: connection lost: {error or type(error).__name__}")

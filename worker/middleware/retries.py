@@ -66,6 +66,11 @@ class RetryPolicy(Middleware):
         self.max_age_ms = settings.max_age_ms
         self.give_up = give_up
 
+    @property
+    def actor_options(self) -> set[str]:
+        # dramatiq logs exceptions of the ``throws`` classes without a traceback.
+        return {"throws"}
+
     def after_process_message(
         self,
         broker: dramatiq.Broker,

@@ -147,11 +147,16 @@ class SilentAfterData(FaultyHandler):
         super().__init__(maildir)
         self.times = times
         self.silence_s = silence_s
+        self.silences = 0
+        """Silences over (connection dropped); stop the sink only when all are, or it leaks them."""
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
         if self.count_data(envelope) <= self.times:
-            await asyncio.sleep(self.silence_s)
-            _hang_up(server)
+            try:
+                await asyncio.sleep(self.silence_s)
+                _hang_up(server)
+            finally:  # also when aiosmtpd cancels us because the client hung up first
+                self.silences += 1
             return "451 4.4.2 too late, the client is gone"
         return await super().handle_DATA(server, session, envelope)
 
