@@ -236,6 +236,29 @@ def assert_sent_once_or_dead(
     return rows
 
 
+def wait_dead(db: Connection, entry_id: str, timeout: float = 30) -> dict[str, Any]:
+    """The dead-letter entry ``entry_id`` once it exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = db.execute("SELECT * FROM dead_letters WHERE id = %s", (entry_id,)).fetchone()
+        if row is not None:
+            return row
+        time.sleep(0.1)
+    raise AssertionError(f"{entry_id} was not dead-lettered within {timeout}s")
+
+
+def wait_status(db: Connection, job_id: str, status: str, timeout: float = 30) -> dict[str, Any]:
+    """The ledger row of ``job_id`` once it has ``status``."""
+    deadline = time.monotonic() + timeout
+    row = None
+    while time.monotonic() < deadline:
+        row = db.execute("SELECT * FROM deliveries WHERE job_id = %s", (job_id,)).fetchone()
+        if row is not None and row["status"] == status:
+            return row
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} is not {status} after {timeout}s: {row}")
+
+
 def worker_children(supervisor_pid: int) -> list[int]:
     """The worker processes a ``postbote worker`` supervisor runs (Linux /proc)."""
     path = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children")
@@ -258,5 +281,7 @@ __all__ = [
     "dramatiq_message",
     "own_queues",
     "publish_raw",
+    "wait_dead",
+    "wait_status",
     "worker_children",
 ]

@@ -27,6 +27,7 @@ from tests.faultkit import (
     dramatiq_message,
     own_queues,
     publish_raw,
+    wait_dead,
 )
 from worker.db import Connection
 from worker.documents import make_job
@@ -207,16 +208,6 @@ def test_an_oversized_job_on_the_queue_is_dead_lettered_naming_the_limit(
     dead = wait_dead(db, job["job_id"])
     assert dead["reason"] == "invalid_job"
     assert "more than the limit of 200000 bytes" in dead["detail"]
-
-
-def wait_dead(db: Connection, entry_id: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        row = db.execute("SELECT * FROM dead_letters WHERE id = %s", (entry_id,)).fetchone()
-        if row is not None:
-            return row
-        time.sleep(0.1)
-    raise AssertionError(f"{entry_id} was not dead-lettered within {timeout}s")
 
 
 class _Logins:

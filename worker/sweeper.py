@@ -1,7 +1,7 @@
 """Moves what RabbitMQ dead-lettered into a ``.XQ`` queue into the dead-letter store, with a reason.
 
 dramatiq rejects a message whose body it cannot decode (not JSON, not a dramatiq
-message) straight into the lane's ``.XQ`` queue, which keeps no reason and
+message) or whose actor it does not know straight into the lane's ``.XQ`` queue, which keeps no reason and
 expires after seven days; a message the retry policy could not requeue ends
 there too. The supervisor runs ``sweep_forever`` so such messages become
 ordinary dead jobs that ``postbote dlq`` lists and nobody has to watch ``.XQ``.
@@ -22,7 +22,13 @@ from dramatiq.common import q_name
 from pydantic import ValidationError
 
 from producer.queues import declare_queues
-from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE, queue_name
+from schemas.constants import (
+    DOCUMENTS_QUEUE,
+    RECEIPTS_QUEUE,
+    SEND_DOCUMENT_ACTOR,
+    SEND_RECEIPT_ACTOR,
+    queue_name,
+)
 from schemas.job import Job
 from worker.db import connect
 from worker.deadletter import DeadJob, store_dead_job
@@ -59,11 +65,19 @@ def dead_job_of(body: bytes, queue: str) -> DeadJob:
         job: Job | None = Job.model_validate(args[0]) if len(args) == 1 else None
     except ValidationError:
         job = None
+    actor = fields.get("actor_name")
+    if actor not in (SEND_DOCUMENT_ACTOR, SEND_RECEIPT_ACTOR):
+        reason, detail = "unknown_actor", f"no postbote actor is called {actor!r}"
+    else:
+        reason, detail = (
+            "rejected_by_worker",
+            "a worker rejected the message without saying why (see its log)",
+        )
     return DeadJob(
         id=str(job.job_id) if job else str(fields["message_id"]),
         queue_name=q_name(str(fields["queue_name"])),
-        reason="rejected_by_worker",
-        detail="a worker rejected the message without recording why (see the worker log)",
+        reason=reason,
+        detail=detail,
         attempts=int(options.get("retries", 0)) if isinstance(options, dict) else 0,
         job_id=job.job_id if job else _uuid(fields.get("message_id")),
         tenant=job.tenant if job else None,

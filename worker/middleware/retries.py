@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import dramatiq
-from dramatiq.errors import ActorNotFound
 from dramatiq.middleware import Middleware
 
 from worker.errors import (
@@ -107,8 +106,6 @@ class RetryPolicy(Middleware):
     def _verdict(
         self, message: dramatiq.MessageProxy, exception: BaseException, failed: int
     ) -> tuple[str, str] | None:
-        if isinstance(exception, ActorNotFound):
-            return "unknown_actor", f"no postbote actor is called {message.actor_name!r}"
         last = f"{getattr(exception, 'reason', 'internal_error')}: {exception or type(exception).__name__}"
         if failed >= self.max_attempts:
             reason = getattr(exception, "reason", "internal_error")
