@@ -23,6 +23,7 @@ class PublishError(Exception):
     def __init__(self, message: str, confirmed: list[UUID]) -> None:
         super().__init__(message)
         self.confirmed = confirmed
+        self.confirmed_count = len(confirmed)
 
 
 @dataclass(frozen=True)
@@ -95,19 +96,31 @@ def publish(jobs: Sequence[Job], *, broker_url: str, queue_prefix: str) -> list[
       PublishError: the broker is unreachable or refused a message; ``confirmed``
         lists the jobs confirmed before that (their ids are safe to report).
     """
-    messages = []
-    for job in jobs:
-        message = envelope(job, queue_prefix)
-        messages.append((str(message["queue_name"]), encode(message)))
+    try:
+        publish_messages([envelope(job, queue_prefix) for job in jobs], broker_url=broker_url)
+    except PublishError as e:
+        raise PublishError(str(e), [job.job_id for job in jobs[: e.confirmed_count]]) from e
+    return [job.job_id for job in jobs]
+
+
+def publish_messages(messages: Sequence[dict[str, Any]], *, broker_url: str) -> int:
+    """Publish ready dramatiq messages (jobs, replays) to their ``queue_name``, persistently,
+    returning once the broker confirmed all of them; returns how many.
+
+    Raises:
+      PublishError: the broker is unreachable or did not confirm a message;
+        ``confirmed_count`` says how many leading messages it did confirm.
+    """
     params = pika.URLParameters(broker_url)
     params.connection_attempts = 1
     params.socket_timeout = 10
     try:
-        publish_confirmed(params, messages)
+        publish_confirmed(params, [(str(m["queue_name"]), encode(m)) for m in messages])
     except ConfirmError as e:
-        confirmed = [job.job_id for job in jobs[: e.confirmed]]
-        raise PublishError(f"{e} (RabbitMQ at {params.host}:{params.port})", confirmed) from e
-    return [job.job_id for job in jobs]
+        error = PublishError(f"{e} (RabbitMQ at {params.host}:{params.port})", [])
+        error.confirmed_count = e.confirmed
+        raise error from e
+    return len(messages)
 
 
-__all__ = ["InputError", "PublishError", "parse_jobs", "publish"]
+__all__ = ["InputError", "PublishError", "parse_jobs", "publish", "publish_messages"]

@@ -16,6 +16,7 @@ from typing import Any
 from uuid import UUID
 
 import dramatiq
+from dramatiq.common import q_name
 from dramatiq.middleware import CurrentMessage
 from pydantic import ValidationError
 
@@ -26,9 +27,25 @@ from worker.compose import compose_message
 from worker.db import make_pool
 from worker.deadletter import DeadJob, store_dead_job
 from worker.dkim import DkimSigner, load_signer, sign_message
-from worker.errors import DatabaseUnavailable, InvalidJob, PermanentError, TransientError
-from worker.ledger import Claim, claim_job, record_failure, record_sent, release_claim
+from worker.errors import (
+    ClaimedElsewhere,
+    DatabaseUnavailable,
+    InvalidJob,
+    OutcomeUnrecorded,
+    PermanentError,
+    TransientError,
+)
+from worker.ledger import (
+    Claim,
+    claim_job,
+    record_failure,
+    record_given_up,
+    record_sent,
+    release_claim,
+    renew_claim,
+)
 from worker.logs import log_outcome
+from worker.middleware.retries import UNRECORDED_OUTCOME
 from worker.ratelimit import PostgresBackend, SeriesLimiter, Throttled
 from worker.senders import copy_recipients, resolve_sender
 from worker.settings import Settings
@@ -79,33 +96,51 @@ class Pipeline:
         self.smtp.close()
         self.db.close()
 
-    def process(self, data: dict[str, Any]) -> None:
+    def process(self, *args: Any, **kwargs: Any) -> None:
         """Handle one job message; permanent failures are recorded and dead-lettered, transient ones raised."""
         started = time.monotonic()
+        if len(args) != 1 or kwargs:
+            problem = f"expected one job argument, got {len(args)} and {len(kwargs)} keyword arguments"
+            self._dead_letter_invalid(
+                args, InvalidJob(f"not a postbote job message: {problem}", reason="not_a_job")
+            )
+            return
+        data = args[0]
         try:
             job = Job.model_validate(data, context={"max_job_bytes": self.settings.max_job_bytes})
         except ValidationError as e:
             self._dead_letter_invalid(data, InvalidJob(_validation_summary(e)))
             return
+        message = CurrentMessage.get_current_message()
+        carried = message.options.get(UNRECORDED_OUTCOME) if message else None
         try:
-            self._send(job, data, started)
+            if carried is not None:
+                self._finish_sent(job, carried, started)
+            else:
+                self._send(job, data, started)
         except Throttled as e:
             with self.db.connection() as conn:
                 release_claim(conn, job.job_id)
             self._defer(job, e.retry_in_ms, "deferred_series")
-        except ClaimedElsewhere as e:
-            self._defer(job, e.retry_in_ms, "deferred_claimed")
         except PermanentError as e:
             self._fail(job, e, started)
         except TransientError as e:
-            self._retry_later(job, e, started)
+            # These leave the claim alone: another worker holds it, or the mail went out.
+            if not isinstance(e, (ClaimedElsewhere, OutcomeUnrecorded)):
+                self._retry_later(job, e, started)
             raise
 
     def _send(self, job: Job, data: dict[str, Any], started: float) -> None:
         claim_ms = self.settings.series_max_wait_ms + 4 * self.settings.smtp_timeout_ms
         with self.db.connection() as conn:
-            claim = claim_job(conn, job, payload_digest(data), holder=self.holder, claim_ms=claim_ms)
-        labels = (job.tenant, job.document.type.value)
+            claim = claim_job(
+                conn,
+                job,
+                payload_digest(data),
+                holder=self.holder,
+                claim_ms=claim_ms,
+                crash_loop_after=self.settings.crash_loop_after,
+            )
         if claim.claim is Claim.DONE:
             metrics.DUPLICATES_PREVENTED.labels(job.tenant).inc()
             log_outcome(
@@ -121,8 +156,13 @@ class Pipeline:
                 f"job id {job.job_id} was already used for a different payload", reason="job_id_conflict"
             )
         if claim.claim is Claim.BUSY:
-            raise TransientError(
-                f"job {job.job_id} is being sent by another worker", reason="claimed_elsewhere"
+            raise ClaimedElsewhere(
+                f"job {job.job_id} is being sent by another worker", retry_in_ms=claim.remaining_ms
+            )
+        if claim.claim is Claim.CRASH_LOOP:
+            raise PermanentError(
+                f"{claim.takeovers} deliveries of job {job.job_id} ended with their worker dying",
+                reason="crash_loop",
             )
         if claim.claim is Claim.TAKEN_OVER:
             metrics.POSSIBLE_DUPLICATES.labels(job.tenant).inc()
@@ -143,27 +183,35 @@ class Pipeline:
             max_wait_ms=self.settings.series_max_wait_ms,
         ) as slot:
             metrics.RATELIMIT_WAIT_SECONDS.labels(job.tenant).observe(slot.waited_ms / 1000)
+            with self.db.connection() as conn:
+                # Whatever came before SMTP (the series slot, a slow look-up) must not outlive the claim.
+                if not renew_claim(conn, job.job_id, holder=self.holder, claim_ms=claim_ms):
+                    raise ClaimedElsewhere(
+                        f"job {job.job_id} was taken over before sending", retry_in_ms=claim_ms
+                    )
             sent_at = time.monotonic()
             delivery = self.smtp.deliver(account.id, account.smtp, message)
             metrics.SMTP_SEND_SECONDS.labels(job.tenant).observe(time.monotonic() - sent_at)
-        refused = {address: str(reply) for address, reply in delivery.refused.items()}
-        status = self._record_sent_durably(
-            job.job_id,
-            sender=message.mail_from,
-            recipients=list(message.recipients),
-            message_id=message.message_id,
-            smtp_reply=str(delivery.reply),
-            refused=refused,
-        )
-        metrics.MAILS_SENT.labels(*labels).inc()
+        outcome = {
+            "sender": message.mail_from,
+            "recipients": list(message.recipients),
+            "message_id": message.message_id,
+            "smtp_reply": str(delivery.reply),
+            "refused": {address: str(reply) for address, reply in delivery.refused.items()},
+        }
+        self._finish_sent(job, outcome, started)
+
+    def _finish_sent(self, job: Job, outcome: dict[str, Any], started: float) -> None:
+        status = self._record_sent_durably(job.job_id, outcome)
+        metrics.MAILS_SENT.labels(job.tenant, job.document.type.value).inc()
         log_outcome(
             status,
             job_id=job.job_id,
             tenant=job.tenant,
             document=f"{job.document.type.value} {job.document.number}",
-            sender=message.mail_from,
-            smtp_reply=str(delivery.reply),
-            refused=",".join(refused) or None,
+            sender=outcome["sender"],
+            smtp_reply=outcome["smtp_reply"],
+            refused=",".join(outcome["refused"]) or None,
             duration_ms=round((time.monotonic() - started) * 1000),
         )
 
@@ -174,18 +222,21 @@ class Pipeline:
         self.brokers[message.queue_name].enqueue(message.copy(), delay=delay_ms)
         log_outcome(outcome, job_id=job.job_id, tenant=job.tenant, retry_in_ms=delay_ms)
 
-    def _record_sent_durably(self, job_id: UUID, **outcome: Any) -> str:
-        """After the server accepted the mail, the ledger write must not be lost to a database blip:
-        retry it for as long as the claim protects the job, so an outage never causes a resend."""
+    def _record_sent_durably(self, job_id: UUID, outcome: dict[str, Any]) -> str:
+        """After the server accepted the mail, the ledger write must not be lost to a database blip.
+        Retry it briefly; a longer outage raises ``OutcomeUnrecorded`` so the outcome rides with
+        the requeued message and the next delivery records it without sending again."""
         deadline = time.monotonic() + 2 * self.settings.smtp_timeout_ms / 1000
         delay = 0.2
         while True:
             try:
                 with self.db.connection() as conn:
                     return record_sent(conn, job_id, **outcome)
-            except DatabaseUnavailable:
+            except DatabaseUnavailable as e:
                 if time.monotonic() > deadline:
-                    raise
+                    raise OutcomeUnrecorded(
+                        f"sent, but the ledger is unavailable: {e}", outcome=outcome
+                    ) from e
                 logger.warning("ledger write for sent job %s failed; retrying in %.1fs", job_id, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -206,7 +257,7 @@ class Pipeline:
                 conn,
                 DeadJob(
                     id=str(job.job_id) if error.reason != "job_id_conflict" else _message_id(),
-                    queue_name=message.queue_name if message else "",
+                    queue_name=q_name(message.queue_name) if message else "",
                     reason=error.reason,
                     detail=str(error),
                     attempts=int(message.options.get("retries", 0)) + 1 if message else 1,
@@ -256,6 +307,44 @@ class Pipeline:
             duration_ms=round((time.monotonic() - started) * 1000),
         )
 
+    def give_up(
+        self, message: dramatiq.MessageProxy, error: BaseException, reason: str, detail: str, attempts: int
+    ) -> None:
+        """Dead-letter a message the retry policy will not retry again (see ``RetryPolicy``)."""
+        data: Any = message.args[0] if len(message.args) == 1 else None
+        smtp_reply = getattr(error, "smtp_reply", None)
+        try:
+            job: Job | None = Job.model_validate(data, context={"max_job_bytes": self.settings.max_job_bytes})
+        except ValidationError:
+            job = None
+        with self.db.connection() as conn:
+            if job is not None and not record_given_up(
+                conn, job, payload_digest(data), reason=reason, detail=detail, smtp_reply=smtp_reply
+            ):
+                return
+            store_dead_job(
+                conn,
+                DeadJob(
+                    id=str(job.job_id) if job else message.message_id,
+                    queue_name=q_name(message.queue_name),
+                    reason=reason,
+                    detail=detail,
+                    attempts=attempts,
+                    job_id=job.job_id if job else None,
+                    tenant=job.tenant if job else None,
+                    doc_type=job.document.type.value if job else None,
+                    doc_number=job.document.number if job else None,
+                    smtp_reply=smtp_reply,
+                    message=message.asdict(),
+                ),
+            )
+        labels = (job.tenant, job.document.type.value) if job else ("unknown", "unknown")
+        metrics.MAILS_FAILED.labels(*labels, reason).inc()
+        metrics.DEAD_LETTERED.labels(*labels, reason).inc()
+        log_outcome(
+            "failed", job_id=job.job_id if job else None, reason=reason, detail=detail, smtp_reply=smtp_reply
+        )
+
     def _dead_letter_invalid(self, data: Any, error: InvalidJob) -> None:
         message = CurrentMessage.get_current_message()
         job_id = _job_id_of(data)
@@ -265,7 +354,7 @@ class Pipeline:
                 conn,
                 DeadJob(
                     id=str(job_id) if job_id else _message_id(),
-                    queue_name=message.queue_name if message else "",
+                    queue_name=q_name(message.queue_name) if message else "",
                     reason=error.reason,
                     detail=str(error),
                     attempts=1,
@@ -278,14 +367,6 @@ class Pipeline:
         log_outcome("failed", job_id=job_id, reason=error.reason, detail=str(error))
 
 
-class ClaimedElsewhere(Exception):
-    """Another live delivery holds the job's claim (a redelivery while the first is still sending)."""
-
-    def __init__(self, job_id: UUID, retry_in_ms: int) -> None:
-        super().__init__(f"job {job_id} is being sent by another worker")
-        self.retry_in_ms = retry_in_ms
-
-
 def register_actor(broker: dramatiq.Broker, pipeline: Pipeline, prefix: str, lane: str) -> str:
     """Declare the actor of a lane (bulk ``documents`` or interactive ``receipts``); returns its queue."""
     queue = queue_name(prefix, lane)
@@ -295,7 +376,7 @@ def register_actor(broker: dramatiq.Broker, pipeline: Pipeline, prefix: str, lan
         actor_name=actor_of(lane),
         queue_name=queue,
         priority=0 if lane == RECEIPTS_QUEUE else 10,
-        options={},
+        options={"throws": (TransientError,)},
     )
     pipeline.brokers[queue] = broker
     return queue

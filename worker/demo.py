@@ -24,6 +24,9 @@ from worker.settings import Settings
 from worker.sink import Sink, free_port, read_index
 from worker.tenant_apply import apply_tenants, read_tenant_file
 
+UNLOADED_TENANT = "acme-nord"
+"""A branch the ERP already sends for, but whose tenant nobody has loaded yet."""
+
 
 @dataclass(frozen=True)
 class Expectation:
@@ -91,7 +94,8 @@ def demo_tenants(smtp_port: int) -> dict[str, Any]:
 
 
 def demo_jobs(count: int) -> list[Expectation]:
-    """Invoices, offers, dunning letters and receipts, and one sender the rules refuse."""
+    """Invoices, offers, dunning letters and receipts, one sender the rules refuse, and one job for
+    a branch whose tenant is not loaded yet: both end in the dead-letter queue."""
     expectations = []
     for n in range(count):
         kind = n % 6
@@ -107,6 +111,8 @@ def demo_jobs(count: int) -> list[Expectation]:
         expectations.append(Expectation(job, "sent"))
     refused = make_job("acme", "invoice", count, user_id="u3", to="kunde-x@example.com")
     expectations.append(Expectation(refused, "sender_not_permitted"))
+    branch = make_job(UNLOADED_TENANT, "order", count + 1, user_id="u1", to="kunde-nord@example.com")
+    expectations.append(Expectation(branch, "unknown_tenant"))
     return expectations
 
 
@@ -227,8 +233,25 @@ def _summary(
         for p in problems[:20]:
             say(f"  {p}")
         return 1
+    _explain_dead_letters(expectations, final, say)
     say("\nEvery expected mail arrived; the refused sender was refused.")
     return 0
+
+
+def _explain_dead_letters(
+    expectations: list[Expectation], final: dict[str, dict[str, Any]], say: Any
+) -> None:
+    dead = [e.job for e in expectations if (final.get(e.job["job_id"]) or {}).get("status") == "failed"]
+    if not dead:
+        return
+    branch = next((j for j in dead if j["tenant"] == UNLOADED_TENANT), dead[0])
+    say("\nDead-letter queue (kept in PostgreSQL until purged, each job with its reason):")
+    say("  postbote dlq list                          # every dead job: tenant, document, reason, attempts")
+    say(f"  postbote dlq show {branch['job_id']}")
+    say(f"  # the order for {UNLOADED_TENANT} died as unknown_tenant; once its tenant is loaded")
+    say("  # (postbote tenants apply FILE), send it again - the ledger lets it go out exactly once:")
+    say(f"  postbote dlq replay {branch['job_id']}")
+    say("  postbote dlq replay --reason unknown_tenant --dry-run   # or all jobs that died for that reason")
 
 
 def _database_problem(settings: Settings) -> str | None:

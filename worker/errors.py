@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PostboteError(Exception):
     """Root of every error postbote raises on purpose."""
@@ -29,12 +31,43 @@ class SmtpConnectionError(TransientError):
     reason = "smtp_connection"
 
 
+class SmtpTimeout(SmtpConnectionError):
+    """The server did not answer in time. After the final dot this is ambiguous: the
+    server may have taken the mail, so a retry may deliver it twice (same Message-ID)."""
+
+    reason = "smtp_timeout"
+
+
 class DatabaseUnavailable(TransientError):
     reason = "database_unavailable"
 
 
 class BrokerUnavailable(TransientError):
     reason = "broker_unavailable"
+
+
+class ClaimedElsewhere(TransientError):
+    """Another delivery holds the job's claim; try again once it may have ended."""
+
+    reason = "claimed_elsewhere"
+
+    def __init__(self, message: str, *, retry_in_ms: int) -> None:
+        super().__init__(message)
+        self.retry_in_ms = retry_in_ms
+
+
+class OutcomeUnrecorded(TransientError):
+    """The SMTP server took the mail but the ledger could not be written.
+
+    ``outcome`` travels with the requeued message so the next delivery records
+    it without talking to the SMTP server again.
+    """
+
+    reason = "ledger_unavailable"
+
+    def __init__(self, message: str, *, outcome: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 class PermanentError(PostboteError):
@@ -75,15 +108,18 @@ class ConfigurationError(PermanentError):
 
 __all__ = [
     "BrokerUnavailable",
+    "ClaimedElsewhere",
     "ConfigurationError",
     "DatabaseUnavailable",
     "InvalidJob",
+    "OutcomeUnrecorded",
     "PermanentError",
     "PostboteError",
     "SenderNotPermitted",
     "SmtpConnectionError",
     "SmtpRejected",
     "SmtpTemporaryFailure",
+    "SmtpTimeout",
     "TransientError",
     "UnknownTenant",
     "UnknownUser",

@@ -1,9 +1,15 @@
 """The delivery ledger: one row per job in PostgreSQL, the source of truth for "sent once".
 
 A job is claimed before SMTP and marked after. A redelivered job whose row says
-sent, partial or failed is acknowledged without sending again. A claim carries an
-expiry: a claim whose holder died (expired, status still ``sending``) is taken
-over by the next delivery, which sends with the same Message-ID.
+sent, partial or failed is acknowledged without sending again.
+
+The stale-claim rule: a claim carries an expiry (``claimed_until``), longer than
+a live worker can take from claim to ledger write. A claim still ``sending``
+after its expiry, or released by the supervisor that saw its process die,
+belongs to a dead worker; the next delivery takes it over and sends with the
+same Message-ID (counted as a possible duplicate). Each takeover is counted in
+``takeovers``; when deliveries of a job have ended with a dead worker
+``crash_loop_after`` times, the job is not tried again (``Claim.CRASH_LOOP``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ class Claim(StrEnum):
     """Another live delivery holds the claim."""
     CONFLICT = "conflict"
     """The job id is known with a different payload."""
+    CRASH_LOOP = "crash_loop"
+    """Deliveries of this job keep killing their worker; stop trying."""
 
 
 FINAL_STATES = ("sent", "partial", "failed")
@@ -39,12 +47,21 @@ class ClaimResult:
     claim: Claim
     attempts: int
     status: str | None = None
-    busy_for_ms: int = 0
-    """With ``BUSY``: how long the other delivery's claim still runs."""
+    remaining_ms: int = 0
+    """For ``BUSY``: how long the other holder's claim still runs."""
+    takeovers: int = 0
 
 
-def claim_job(conn: Connection, job: Job, payload_sha256: str, *, holder: str, claim_ms: int) -> ClaimResult:
-    """Claim ``job`` for ``holder`` for ``claim_ms``, counting the attempt."""
+def claim_job(
+    conn: Connection,
+    job: Job,
+    payload_sha256: str,
+    *,
+    holder: str,
+    claim_ms: int,
+    crash_loop_after: int = 3,
+) -> ClaimResult:
+    """Claim ``job`` for ``holder`` for ``claim_ms``, counting the attempt (see the stale-claim rule)."""
     with translated_errors(), conn.transaction():
         row = conn.execute(
             """
@@ -67,27 +84,31 @@ def claim_job(conn: Connection, job: Job, payload_sha256: str, *, holder: str, c
         if row is not None:
             return ClaimResult(Claim.CLAIMED, 1)
         row = conn.execute(
-            "SELECT status, attempts, payload_sha256, claimed_until < clock_timestamp() AS expired,"
-            " ceil(extract(epoch FROM claimed_until - clock_timestamp()) * 1000)::bigint AS remaining_ms"
+            "SELECT status, attempts, takeovers, payload_sha256,"
+            " COALESCE(claimed_until < clock_timestamp(), true) AS expired,"
+            " GREATEST(0, EXTRACT(EPOCH FROM claimed_until - clock_timestamp()) * 1000)::bigint AS remaining"
             " FROM deliveries WHERE job_id = %s FOR UPDATE",
             (job.job_id,),
         ).fetchone()
         assert row is not None
-        status, attempts = str(row["status"]), int(row["attempts"])
+        status, attempts, takeovers = str(row["status"]), int(row["attempts"]), int(row["takeovers"])
         if row["payload_sha256"] != payload_sha256:
             return ClaimResult(Claim.CONFLICT, attempts, status)
         if status in FINAL_STATES:
             return ClaimResult(Claim.DONE, attempts, status)
         if status == "sending" and not row["expired"]:
-            return ClaimResult(Claim.BUSY, attempts, status, busy_for_ms=max(1, int(row["remaining_ms"])))
+            return ClaimResult(Claim.BUSY, attempts, status, remaining_ms=int(row["remaining"] or 0))
+        taking_over = status == "sending"
+        if taking_over and takeovers + 1 >= crash_loop_after:
+            return ClaimResult(Claim.CRASH_LOOP, attempts, status, takeovers=takeovers + 1)
         conn.execute(
-            "UPDATE deliveries SET status = 'sending', attempts = attempts + 1, claimed_by = %s,"
-            " claimed_until = clock_timestamp() + %s * interval '1 ms', updated_at = clock_timestamp()"
-            " WHERE job_id = %s",
-            (holder, claim_ms, job.job_id),
+            "UPDATE deliveries SET status = 'sending', attempts = attempts + 1, takeovers = takeovers + %s,"
+            " claimed_by = %s, claimed_until = clock_timestamp() + %s * interval '1 ms',"
+            " updated_at = clock_timestamp() WHERE job_id = %s",
+            (int(taking_over), holder, claim_ms, job.job_id),
         )
-        claim = Claim.TAKEN_OVER if status == "sending" else Claim.CLAIMED
-        return ClaimResult(claim, attempts + 1, status)
+        claim = Claim.TAKEN_OVER if taking_over else Claim.CLAIMED
+        return ClaimResult(claim, attempts + 1, status, takeovers=takeovers + int(taking_over))
 
 
 def record_sent(
@@ -140,7 +161,7 @@ def record_failure(
             "UPDATE deliveries SET status = %s, reason = %s, detail = %s,"
             " smtp_reply = COALESCE(%s, smtp_reply), sender = COALESCE(%s, sender),"
             " recipients = COALESCE(%s, recipients), claimed_by = NULL, claimed_until = NULL,"
-            " updated_at = clock_timestamp() WHERE job_id = %s",
+            " updated_at = clock_timestamp() WHERE job_id = %s AND status NOT IN ('sent', 'partial')",
             ("failed" if final else "retrying", reason, detail, smtp_reply, sender, recipients, job_id),
         )
         conn.commit()
@@ -158,11 +179,87 @@ def release_claim(conn: Connection, job_id: UUID) -> None:
         conn.commit()
 
 
+def record_given_up(
+    conn: Connection, job: Job, payload_sha256: str, *, reason: str, detail: str, smtp_reply: str | None
+) -> bool:
+    """Mark a job ``failed`` after its retries ran out, creating the row if no attempt got as
+    far as a claim. False when the ledger says it was sent meanwhile (then it is not dead)."""
+    with translated_errors():
+        row = conn.execute(
+            """
+            INSERT INTO deliveries (job_id, tenant_id, doc_type, doc_number, payload_sha256, status,
+                                    reason, detail, smtp_reply)
+            VALUES (%s, %s, %s, %s, %s, 'failed', %s, %s, %s)
+            ON CONFLICT (job_id) DO UPDATE SET status = 'failed', reason = EXCLUDED.reason,
+                detail = EXCLUDED.detail, smtp_reply = COALESCE(EXCLUDED.smtp_reply, deliveries.smtp_reply),
+                claimed_by = NULL, claimed_until = NULL, updated_at = clock_timestamp()
+            WHERE deliveries.status NOT IN ('sent', 'partial')
+            RETURNING job_id
+            """,
+            (
+                job.job_id,
+                job.tenant,
+                job.document.type.value,
+                job.document.number,
+                payload_sha256,
+                reason,
+                detail,
+                smtp_reply,
+            ),
+        ).fetchone()
+        conn.commit()
+    return row is not None
+
+
+def renew_claim(conn: Connection, job_id: UUID, *, holder: str, claim_ms: int) -> bool:
+    """Extend ``holder``'s claim by ``claim_ms`` from now; False when it is no longer ours."""
+    with translated_errors():
+        row = conn.execute(
+            "UPDATE deliveries SET claimed_until = clock_timestamp() + %s * interval '1 ms'"
+            " WHERE job_id = %s AND claimed_by = %s AND status = 'sending' RETURNING job_id",
+            (claim_ms, job_id, holder),
+        ).fetchone()
+        conn.commit()
+    return row is not None
+
+
+def release_claims(conn: Connection, holder: str) -> int:
+    """Expire every claim of ``holder`` (a worker process known to be dead); returns how many."""
+    with translated_errors():
+        cursor = conn.execute(
+            "UPDATE deliveries SET claimed_until = clock_timestamp() - interval '1 ms'"
+            " WHERE claimed_by = %s AND status = 'sending'",
+            (holder,),
+        )
+        conn.commit()
+    return cursor.rowcount
+
+
+def reopen_failed(conn: Connection, job_id: UUID) -> str | None:
+    """Let a ``failed`` job be sent once more (replay): it becomes ``retrying`` with its
+    crash counter reset. Returns the status the job had (``None`` without a ledger row);
+    any other status is left alone, so the ledger still refuses a second send.
+
+    Runs in the caller's transaction.
+    """
+    with translated_errors():
+        row = conn.execute("SELECT status FROM deliveries WHERE job_id = %s FOR UPDATE", (job_id,)).fetchone()
+        if row is None:
+            return None
+        if row["status"] == "failed":
+            conn.execute(
+                "UPDATE deliveries SET status = 'retrying', reason = 'replayed', takeovers = 0,"
+                " claimed_by = NULL, claimed_until = NULL, updated_at = clock_timestamp() WHERE job_id = %s",
+                (job_id,),
+            )
+    return str(row["status"])
+
+
 def delivery_record(conn: Connection, job_id: UUID) -> dict[str, Any] | None:
     """The ledger row of a job as shown by ``postbote status``."""
     with translated_errors():
         row = conn.execute(
-            "SELECT job_id, tenant_id AS tenant, doc_type, doc_number, status, attempts, sender,"
+            "SELECT job_id, tenant_id AS tenant, doc_type, doc_number, status, attempts, takeovers, sender,"
             " recipients, refused, message_id, smtp_reply, reason, detail, created_at, updated_at,"
             " sent_at FROM deliveries WHERE job_id = %s",
             (job_id,),
@@ -176,6 +273,9 @@ __all__ = [
     "claim_job",
     "delivery_record",
     "record_failure",
+    "record_given_up",
     "record_sent",
-    "release_claim",
+    "release_claims",
+    "renew_claim",
+    "reopen_failed",
 ]

@@ -26,11 +26,17 @@ logger = logging.getLogger(__name__)
 
 
 def run_worker_process(
-    settings_data: dict[str, Any], threads: int, receipt_threads: int, started: StartedMarks | None = None
+    settings_data: dict[str, Any],
+    threads: int,
+    receipt_threads: int,
+    started: StartedMarks | None = None,
+    holder: str | None = None,
 ) -> None:
     """Entry point of a spawned worker process; returns after SIGTERM once in-flight jobs are done.
 
-    ``started`` is the supervisor's shared record of what was started, for the queue-age gauge.
+    ``started`` is the supervisor's shared record of what was started, for the queue-age gauge;
+    ``holder`` names this process's claims in the ledger, so the supervisor can
+    release them when it sees the process die.
     """
     settings = Settings.model_validate(settings_data)
     configure_logging(settings.log_format)
@@ -38,10 +44,12 @@ def run_worker_process(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    pipeline = Pipeline(settings)
+    pipeline = Pipeline(settings, holder=holder) if holder else Pipeline(settings)
     lanes = []
     for lane, count in ((DOCUMENTS_QUEUE, threads), (RECEIPTS_QUEUE, receipt_threads)):
-        broker = make_broker(settings, extra=[CurrentMessage(), Metrics(settings.queue_prefix, started)])
+        broker = make_broker(
+            settings, pipeline.give_up, extra=[CurrentMessage(), Metrics(settings.queue_prefix, started)]
+        )
         queue = register_actor(broker, pipeline, settings.queue_prefix, lane)
         worker = Worker(broker, queues={queue}, worker_threads=count, worker_timeout=100)
         worker.start()

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 
 from schemas.tenant import Smtp
 from worker.compose import Composed
-from worker.errors import ConfigurationError, SmtpConnectionError, SmtpRejected, SmtpTemporaryFailure
+from worker.errors import (
+    ConfigurationError,
+    SmtpConnectionError,
+    SmtpRejected,
+    SmtpTemporaryFailure,
+    SmtpTimeout,
+)
 from worker.oauth import read_token, xoauth2_response
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s*")
@@ -39,7 +45,7 @@ class SmtpReply:
         return cls(code, match.group(1) if match else None, text[match.end() :] if match else text)
 
     def __str__(self) -> str:
-        return " ".join(p for p in (str(self.code), self.enhanced, self.text) if p)
+        return " ".join(p for p in (str(self.code) if self.code else None, self.enhanced, self.text) if p)
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,9 @@ def open_connection(smtp: Smtp, *, timeout_s: float) -> _Connection:
             if login is not None:
                 conn.auth_method = _authenticate(client, smtp, login)
             return conn
+        except ssl.SSLError:
+            client.close()  # no plaintext QUIT on a link that was meant to be encrypted
+            raise
         except BaseException:
             _quit(client)
             raise
@@ -299,12 +308,16 @@ def _transact(conn: _Connection, message: Composed) -> Delivery:
     accepted: list[str] = []
     refused: dict[str, SmtpReply] = {}
     reply: SmtpReply | None = None
+    batch: list[str] = []
+    stage = "MAIL FROM"
     try:
         while pending:
             if accepted or refused:
                 client.rset()
-            _expect(client.mail(message.mail_from, options), "MAIL FROM", client)
-            batch: list[str] = []
+            stage = "MAIL FROM"
+            _expect(client.mail(message.mail_from, options), stage, client)
+            batch = []
+            stage = "RCPT TO"
             while pending:
                 rcpt = pending[0]
                 answer = SmtpReply.parse(*client.rcpt(rcpt))
@@ -314,18 +327,25 @@ def _transact(conn: _Connection, message: Composed) -> Delivery:
                 if answer.code in (250, 251):
                     batch.append(rcpt)
                 elif answer.code == 421:
-                    raise _classify(answer, "RCPT TO")
+                    raise _classify(answer, stage)
                 else:
                     refused[rcpt] = answer
             if not batch:
                 continue
+            stage = "DATA"
             code, text = client.data(message.data)
-            reply = _expect((code, text), "DATA", client)
+            reply = _expect((code, text), stage, client)
             accepted.extend(batch)
-    except smtplib.SMTPResponseException as e:
-        raise _classify(SmtpReply.parse(e.smtp_code, e.smtp_error), "DATA") from e
-    except (OSError, smtplib.SMTPException) as e:
-        raise SmtpConnectionError(f"connection lost: {e or type(e).__name__}") from e
+            batch = []
+    except (OSError, smtplib.SMTPException, SmtpTemporaryFailure, SmtpRejected) as e:
+        error = _translate(e, stage)
+        if not accepted:
+            raise error from e
+        # An earlier transaction (after a 452) went through: resending would duplicate it,
+        # so the recipients not reached are recorded as refused instead.
+        lost = SmtpReply(0, None, str(error))
+        refused.update({rcpt: lost for rcpt in [*batch, *pending]})
+        assert reply is not None
     if reply is None:
         transient = [r for r in refused.values() if r.code < 500]
         worst = transient[0] if transient else next(iter(refused.values()))
@@ -336,6 +356,17 @@ def _transact(conn: _Connection, message: Composed) -> Delivery:
             f"every recipient refused: {summary}", reason="recipients_refused", smtp_reply=str(worst)
         )
     return Delivery(tuple(accepted), refused, reply, conn.tls_version, conn.auth_method)
+
+
+def _translate(error: BaseException, stage: str) -> SmtpTemporaryFailure | SmtpRejected | SmtpConnectionError:
+    if isinstance(error, SmtpTemporaryFailure | SmtpRejected):
+        return error
+    if isinstance(error, smtplib.SMTPResponseException):
+        return _classify(SmtpReply.parse(error.smtp_code, error.smtp_error), stage)
+    if isinstance(error, TimeoutError) or isinstance(error.__context__, TimeoutError):
+        after = " after the final dot; the server may have taken the mail" if stage == "DATA" else ""
+        return SmtpTimeout(f"{stage}: no answer in time{after}")
+    return SmtpConnectionError(f"{stage}: connection lost: {error or type(error).__name__}")
 
 
 def _expect(answer: tuple[int, bytes], stage: str, client: smtplib.SMTP) -> SmtpReply:

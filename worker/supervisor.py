@@ -12,16 +12,22 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from worker.db import connect
+from worker.errors import DatabaseUnavailable
+from worker.ledger import release_claims
 from worker.probes import check_broker, check_database
 from worker.queue_gauges import QueueGauges, StartedMarks
 from worker.settings import Settings
+from worker.sweeper import sweep_forever
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +43,19 @@ def supervise(settings: Settings, *, processes: int, threads: int, receipt_threa
     started = StartedMarks(context)
     gauges = QueueGauges(settings, started)
 
+    holders: dict[int, str] = {}
+
     def start() -> BaseProcess:
         from worker.process import run_worker_process
 
+        holder = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
         process = context.Process(
             target=run_worker_process,
-            args=(settings_data, threads, receipt_threads, started),
+            args=(settings_data, threads, receipt_threads, started, holder),
             daemon=False,
         )
         process.start()
+        holders[id(process)] = holder
         return process
 
     stop = threading.Event()
@@ -54,6 +64,7 @@ def supervise(settings: Settings, *, processes: int, threads: int, receipt_threa
     server = _serve_http(settings, gauges)
     threading.Thread(target=gauges.run, args=(stop,), name="queue-gauges", daemon=True).start()
     children = [start() for _ in range(processes)]
+    threading.Thread(target=sweep_forever, args=(settings, stop), name="xq-sweeper", daemon=True).start()
     logger.info(
         "postbote worker: %d processes × %d threads (+%d for receipts), metrics on :%d",
         processes,
@@ -69,6 +80,7 @@ def supervise(settings: Settings, *, processes: int, threads: int, receipt_threa
                         "worker process %s exited with %s; starting a new one", child.pid, child.exitcode
                     )
                     _mark_dead(child)
+                    _release_claims(settings, holders.pop(id(child), ""))
                     children[i] = start()
     finally:
         for child in children:
@@ -85,6 +97,18 @@ def supervise(settings: Settings, *, processes: int, threads: int, receipt_threa
             server.shutdown()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _release_claims(settings: Settings, holder: str) -> None:
+    """A dead process's claims are stale now (the ledger's stale-claim rule), not in minutes."""
+    try:
+        with connect(settings.database_url) as conn:
+            released = release_claims(conn, holder)
+    except DatabaseUnavailable as e:
+        logger.warning("cannot release the claims of %s now (%s); they expire on their own", holder, e)
+        return
+    if released:
+        logger.warning("released %d claim(s) of the dead worker process %s", released, holder)
 
 
 def _mark_dead(child: BaseProcess) -> None:

@@ -1,0 +1,127 @@
+"""Our own infrastructure fails mid-run: RabbitMQ restarts, PostgreSQL goes away for a while.
+Every accepted job still ends sent exactly once. Both run against private instances, never the
+machine's shared ones."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from tests.conftest import RunningWorker, send_jobs
+from tests.faultkit import PrivatePostgres, PrivateRabbitmq, assert_sent_once_or_dead, own_queues
+from worker.db import connect, ensure_database, upgrade
+from worker.documents import make_job
+from worker.settings import Settings
+from worker.sink import RecordingHandler, Sink
+from worker.tenant_apply import apply_tenants, read_tenant_file
+
+
+class SlowHandler(RecordingHandler):
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
+        await asyncio.sleep(0.05)
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.fixture(scope="module")
+def rabbitmq() -> Iterator[PrivateRabbitmq]:
+    node = PrivateRabbitmq()
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PrivatePostgres]:
+    cluster = PrivatePostgres()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def slow_sink(tmp_path: Path) -> Iterator[Sink]:
+    sink = Sink(tmp_path / "maildir", handler=SlowHandler(tmp_path / "maildir"))
+    yield sink
+    sink.stop()
+
+
+def add_tenant(database_url: str, sink: Sink, tmp_path: Path) -> str:
+    tenant_id = f"t{uuid.uuid4().hex[:10]}"
+    tenant = {
+        "id": tenant_id,
+        "smtp": {"host": sink.host, "port": sink.port, "security": "none"},
+        "series": {"batch_size": 1000, "pause_ms": 0},
+        "employees": [{"id": "u1", "email": "anna@acme.example"}],
+    }
+    path = tmp_path / "tenant.yaml"
+    path.write_text(yaml.safe_dump({"tenants": [tenant]}))
+    with connect(database_url) as conn:
+        apply_tenants(conn, read_tenant_file(path))
+    return tenant_id
+
+
+def jobs(tenant: str, count: int) -> list[dict[str, Any]]:
+    return [make_job(tenant, "invoice", n, user_id="u1", to=f"kunde{n}@example.com") for n in range(count)]
+
+
+def wait_received(sink: Sink, count: int, worker: RunningWorker, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(sink.handler.received) < count:
+        assert time.monotonic() < deadline, worker.output()
+        time.sleep(0.02)
+
+
+def test_rabbitmq_restarted_mid_run_loses_nothing_and_sends_nothing_twice(
+    settings: Settings, rabbitmq: PrivateRabbitmq, slow_sink: Sink, make_tenant: Any, tmp_path: Path
+) -> None:
+    own = own_queues(settings, broker_url=rabbitmq.url, min_backoff_ms=100, max_backoff_ms=500)
+    ids = send_jobs(own, jobs(add_tenant(own.database_url, slow_sink, tmp_path), 40))
+    worker = RunningWorker(own, processes=1, threads=4)
+    try:
+        wait_received(slow_sink, 8, worker)
+        rabbitmq.stop_app()
+        time.sleep(2)
+        rabbitmq.start_app()
+        with connect(own.database_url, autocommit=True) as db:
+            rows = assert_sent_once_or_dead(db, ids, slow_sink.handler, timeout=120)
+        assert {r["status"] for r in rows.values()} == {"sent"}
+    finally:
+        worker.stop()
+
+
+def test_postgresql_unreachable_for_a_while_loses_nothing_and_sends_nothing_twice(
+    settings: Settings, postgres: PrivatePostgres, slow_sink: Sink, tmp_path: Path
+) -> None:
+    own = own_queues(
+        settings,
+        database_url=postgres.url("postbote_outage"),
+        smtp_timeout_ms=1000,
+        min_backoff_ms=100,
+        max_backoff_ms=500,
+    )
+    ensure_database(own.database_url)
+    with connect(own.database_url) as conn:
+        upgrade(conn)
+    ids = send_jobs(own, jobs(add_tenant(own.database_url, slow_sink, tmp_path), 40))
+    worker = RunningWorker(own, processes=1, threads=4)
+    try:
+        wait_received(slow_sink, 8, worker)
+        postgres.stop()
+        time.sleep(4)
+        postgres.start()
+        with connect(own.database_url, autocommit=True) as db:
+            rows = assert_sent_once_or_dead(db, ids, slow_sink.handler, timeout=120)
+        assert {r["status"] for r in rows.values()} == {"sent"}
+        assert "database" in worker.output()
+    finally:
+        worker.stop()
