@@ -32,13 +32,17 @@ def connect(database_url: str, *, autocommit: bool = False) -> Connection:
 
 
 def make_pool(database_url: str, *, max_size: int) -> ConnectionPool[Connection]:
-    """A pool for a worker process; connections are opened lazily and checked on checkout."""
+    """A pool for a worker process: autocommit connections, opened lazily.
+
+    Connections are not pinged on checkout (a round trip per use); one broken by
+    a server restart fails its statement with ``DatabaseUnavailable``, which the
+    retry policy treats as an outage, and the pool replaces it.
+    """
     return ConnectionPool(
         database_url,
         min_size=0,
         max_size=max(1, max_size),
-        kwargs={"row_factory": dict_row, "connect_timeout": 5},
-        check=ConnectionPool.check_connection,
+        kwargs={"row_factory": dict_row, "connect_timeout": 5, "autocommit": True},
         open=True,
         name="postbote",
     )

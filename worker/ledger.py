@@ -61,8 +61,11 @@ def claim_job(
     claim_ms: int,
     crash_loop_after: int = 3,
 ) -> ClaimResult:
-    """Claim ``job`` for ``holder`` for ``claim_ms``, counting the attempt (see the stale-claim rule)."""
-    with translated_errors(), conn.transaction():
+    """Claim ``job`` for ``holder`` for ``claim_ms``, counting the attempt (see the stale-claim rule).
+
+    A job seen for the first time costs one statement; only a redelivery takes the row lock.
+    """
+    with translated_errors():
         row = conn.execute(
             """
             INSERT INTO deliveries (job_id, tenant_id, doc_type, doc_number, payload_sha256, status,
@@ -81,8 +84,9 @@ def claim_job(
                 claim_ms,
             ),
         ).fetchone()
-        if row is not None:
-            return ClaimResult(Claim.CLAIMED, 1)
+    if row is not None:
+        return ClaimResult(Claim.CLAIMED, 1)
+    with translated_errors(), conn.transaction():
         row = conn.execute(
             "SELECT status, attempts, takeovers, payload_sha256,"
             " COALESCE(claimed_until < clock_timestamp(), true) AS expired,"
