@@ -101,6 +101,8 @@ def test_a_document_sender_not_granted_is_refused_and_nothing_is_sent(
     assert sink.handler.received == []
     status = json.loads(postbote(settings, "status", str(row["job_id"])).stdout)
     assert status["reason"] == "sender_not_permitted"
+    assert status["sender"] == "rechnung@acme.example"
+    assert status["recipients"] == ["kunde@example.com", "archiv@acme.example"]
 
 
 def test_an_explicit_from_must_be_granted(acme: Any, deliver: Any) -> None:

@@ -33,6 +33,7 @@ from worker.errors import (
     InvalidJob,
     OutcomeUnrecorded,
     PermanentError,
+    SenderNotPermitted,
     TransientError,
 )
 from worker.ledger import (
@@ -169,8 +170,12 @@ class Pipeline:
             metrics.POSSIBLE_DUPLICATES.labels(job.tenant).inc()
 
         account = self.accounts.get(job.tenant)
-        sender = resolve_sender(job, account)
         cc, blind = copy_recipients(job, account)
+        try:
+            sender = resolve_sender(job, account)
+        except SenderNotPermitted as refused:
+            refused.recipients = [*job.to, *cc, *blind]
+            raise
         message = compose_message(job, sender, cc, blind)
         if account.dkim is not None:
             signing_started = time.monotonic()
@@ -221,6 +226,8 @@ class Pipeline:
         """Waiting is not failing: hand the job back to the broker for later without using a retry."""
         message = CurrentMessage.get_current_message()
         assert message is not None
+        # Capped like a retry's backoff: a delayed message waits unacknowledged in the consumer.
+        delay_ms = min(delay_ms, self.settings.max_backoff_ms)
         self.brokers[message.queue_name].enqueue(message.copy(), delay=delay_ms)
         log_outcome(outcome, job_id=job.job_id, tenant=job.tenant, retry_in_ms=delay_ms)
 
@@ -247,6 +254,7 @@ class Pipeline:
         message = CurrentMessage.get_current_message()
         with self.db.connection() as conn:
             if error.reason != "job_id_conflict":
+                refused = error if isinstance(error, SenderNotPermitted) else None
                 record_failure(
                     conn,
                     job.job_id,
@@ -254,6 +262,8 @@ class Pipeline:
                     reason=error.reason,
                     detail=str(error),
                     smtp_reply=error.smtp_reply,
+                    sender=refused.sender if refused else None,
+                    recipients=refused.recipients if refused else None,
                 )
             store_dead_job(
                 conn,

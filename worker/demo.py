@@ -226,7 +226,11 @@ def _summary(
         if row and row["status"] == "failed":
             say(f"            {e.job['document']['number']}: {row['detail']}")
             say(f"            see: postbote status {e.job['job_id']}")
-    say(f"  mail:     {maildir} ({len(list(maildir.glob('*.eml')))} messages, archive copies included)")
+    index = read_index(maildir)
+    envelope = sum(len(r["rcpt_tos"]) for r in index)
+    say(
+        f"  mail:     {maildir} ({len(index)} messages to {envelope} envelope recipients, archive copies included)"
+    )
     say(f"  worker log: {run_dir / 'worker.log'}")
     if problems:
         say("\nNot as expected:")

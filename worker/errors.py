@@ -97,6 +97,11 @@ class UnknownUser(PermanentError):
 class SenderNotPermitted(PermanentError):
     reason = "sender_not_permitted"
 
+    sender: str | None = None
+    """The address the user may not send with."""
+    recipients: list[str] | None = None
+    """The envelope the mail would have had, for the ledger."""
+
 
 class SmtpRejected(PermanentError):
     reason = "smtp_rejected"

@@ -73,7 +73,8 @@ def log_outcome(outcome: str, **fields: Any) -> None:
     Extra fields (``detail``, ``refused``, ``status``) are appended. Never pass
     message bodies or secrets here.
     """
-    level = logging.INFO if outcome in ("sent", "duplicate_prevented") else logging.WARNING
+    quiet = ("sent", "duplicate_prevented", "deferred_series")
+    level = logging.INFO if outcome in quiet else logging.WARNING
     record = {"outcome": outcome, **dict.fromkeys(OUTCOME_FIELDS), **fields}
     OUTCOME_LOGGER.log(level, "job %s", outcome, extra={"fields": record})
 

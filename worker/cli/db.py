@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from worker.cli.output import fail
-from worker.db import connect, upgrade
+from worker.db import connect, ensure_database, upgrade
 from worker.errors import DatabaseUnavailable
 from worker.settings import Settings
 
@@ -20,6 +20,8 @@ def register(subparsers: Any) -> None:
 
 def run_upgrade(args: argparse.Namespace, settings: Settings) -> int:
     try:
+        if ensure_database(settings.database_url):
+            print("created the database")
         with connect(settings.database_url) as conn:
             applied = upgrade(conn)
     except DatabaseUnavailable as e:
