@@ -80,30 +80,25 @@ def workload(tenant: str, count: int) -> list[dict[str, Any]]:
     ]
 
 
-def wait_for(sink: SmtpSinkProcess, pids: list[int], total: int, timeout: float) -> tuple[float, float, int]:
-    """Seconds and worker CPU between the first and the last arrival, and how many arrived in that span."""
+def wait_for(
+    sink: SmtpSinkProcess, root: int, total: int, timeout: float
+) -> tuple[float, float, int, list[int]]:
+    """Seconds and worker CPU between the first and the last arrival, how many arrived in that
+    span, and the worker processes (the tree under ``root`` once mail flows)."""
     deadline = time.monotonic() + timeout
     first_at = first_cpu = None
     first_count = 0
+    pids: list[int] = []
     while time.monotonic() < deadline:
         count = sink.count()
         if first_at is None and count:
+            pids = process_tree(root)
             first_at, first_cpu, first_count = time.monotonic(), cpu_seconds(pids), count
         if count >= total:
             assert first_at is not None and first_cpu is not None
-            return time.monotonic() - first_at, cpu_seconds(pids) - first_cpu, total - first_count
+            return time.monotonic() - first_at, cpu_seconds(pids) - first_cpu, total - first_count, pids
         time.sleep(0.2)
     raise SystemExit(f"bench: only {sink.count()} of {total} mails arrived within {timeout:.0f}s")
-
-
-def pids_of(process: subprocess.Popen[bytes], expected: int) -> list[int]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        pids = process_tree(process.pid)
-        if len(pids) > expected:
-            return pids
-        time.sleep(0.1)
-    return process_tree(process.pid)
 
 
 def run_postbote(
@@ -121,8 +116,7 @@ def run_postbote(
     worker = start_workers(
         settings, processes=args.processes, threads=args.threads, log=workdir / "postbote.log"
     )
-    pids = pids_of(worker, args.processes)
-    seconds, cpu, counted = wait_for(sink, pids, len(jobs), timeout=600)
+    seconds, cpu, counted, pids = wait_for(sink, worker.pid, len(jobs), timeout=600)
     return Run("postbote", counted, seconds, cpu, peak_rss_mb(pids[1:])), worker
 
 
@@ -169,8 +163,7 @@ def run_naive(
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
-    pids = pids_of(worker, args.processes)
-    seconds, cpu, counted = wait_for(sink, pids, len(jobs), timeout=900)
+    seconds, cpu, counted, pids = wait_for(sink, worker.pid, len(jobs), timeout=900)
     return Run("naive", counted, seconds, cpu, peak_rss_mb(pids[1:])), worker
 
 
@@ -227,7 +220,12 @@ def latency(
 
 
 def verify_sample(sink: SmtpSinkProcess, record: Any, expected_rcpts: int, sample: int = 20) -> int:
+    """Every received mail had ``expected_rcpts`` envelope recipients; DKIM-verify a sample."""
     files = sink.files()
+    for path in files:
+        with path.open("rb") as f:
+            head = f.read(2048)
+        assert head.count(b"X-Rcpt-Args:") == expected_rcpts, f"{path.name}: wrong envelope"
     published = {record.name: "".join(record.strings).encode()}
 
     def dnsfunc(name: bytes, timeout: int = 5) -> bytes | None:
@@ -251,6 +249,51 @@ def publish_rate(settings: Settings, tenant: str, count: int) -> float:
     return count / elapsed
 
 
+def scaling(settings: Settings, sink: SmtpSinkProcess, args: argparse.Namespace, workdir: Path) -> list[Run]:
+    """postbote alone with 1, 2 and 4 worker processes on the same workload."""
+    runs = []
+    for processes in (1, 2, 4):
+        sink.clear()
+        scaled = argparse.Namespace(**{**vars(args), "processes": processes})
+        run, worker = run_postbote(settings, workload("bench", args.scaling_mails), sink, scaled, workdir)
+        stop(worker)
+        run.name = f"{processes} process{'es' if processes > 1 else ''}"
+        runs.append(run)
+    sink.clear()
+    return runs
+
+
+def backlog_memory(
+    settings: Settings, sink: SmtpSinkProcess, args: argparse.Namespace, workdir: Path
+) -> list[tuple[int, float]]:
+    """Worker RSS while working through a backlog of ``args.backlog`` queued jobs: (processed, MB)."""
+    from bench.harness import rss_mb
+
+    small = []
+    for n in range(args.backlog):
+        job = make_job("bench", "invoice", n, user_id="u1", to=f"kunde{n:06d}@example.com")
+        job["attachments"] = []
+        small.append(Job.model_validate(job))
+    for i in range(0, len(small), 10_000):
+        publish(small[i : i + 10_000], broker_url=settings.broker_url, queue_prefix=settings.queue_prefix)
+    sink.clear()
+    worker = start_workers(
+        settings, processes=args.processes, threads=args.threads, log=workdir / "backlog.log"
+    )
+    samples = []
+    try:
+        for target in (2_000, 10_000, 20_000, 30_000):
+            deadline = time.monotonic() + 300
+            while sink.count() < target and time.monotonic() < deadline:
+                time.sleep(0.5)
+            samples.append((sink.count(), rss_mb(process_tree(worker.pid)[1:])))
+    finally:
+        stop(worker)
+        delete_queues(settings.broker_url, [f"{settings.queue_prefix}.documents"])
+        sink.clear()
+    return samples
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -259,6 +302,12 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--publish-jobs", type=int, default=10_000)
+    parser.add_argument(
+        "--scaling-mails", type=int, default=1500, help="per run of the 1/2/4-process scaling"
+    )
+    parser.add_argument(
+        "--backlog", type=int, default=100_000, help="queued jobs for the memory check (0: skip)"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="postbote-bench-"))
     key = generate_private_key("rsa", 2048)
@@ -310,6 +359,8 @@ def main() -> int:
         delete_queues(settings.broker_url, [queue])
 
         pub_rate = publish_rate(settings, "bench", args.publish_jobs)
+        scaled = scaling(settings, sink, args, workdir)
+        memory = backlog_memory(settings, sink, args, workdir) if args.backlog else []
 
     print()
     print(f"{'':24}{'postbote':>12}{'naive':>12}{'ratio':>10}")
@@ -327,6 +378,13 @@ def main() -> int:
         f"DKIM verified (dkimpy) in a sample: postbote {ok}/20, naive {naive_ok}/20; "
         "every mail reached the receiver with its archive copy"
     )
+    print(f"\nscaling, {args.scaling_mails} mails each, {args.threads} threads per process:")
+    print(f"{'':14}{'mails/s':>10}{'CPU ms/mail':>13}{'peak RSS MB':>13}")
+    for run in scaled:
+        print(f"{run.name:14}{run.rate:10.1f}{run.cpu_ms:13.2f}{run.peak_rss_mb:13.1f}")
+    if memory:
+        print(f"\nworker RSS with a backlog of {args.backlog:,} queued jobs (largest process):")
+        print("  " + ", ".join(f"after {done:,} sent: {mb:.0f} MB" for done, mb in memory))
     return 0
 
 

@@ -33,9 +33,19 @@ def envelope(job: Job, prefix: str, *, options: dict[str, Any] | None = None) ->
     }
 
 
+def encode_job(job: Job, prefix: str) -> tuple[str, bytes]:
+    """``(queue, body)`` of the job's message: the same bytes as ``encode(envelope(job, prefix))``
+    up to key order, with the job serialized by pydantic's own encoder (the bulk of the work)."""
+    shell = envelope(job.model_copy(update={"attachments": []}), prefix)
+    shell["args"] = ["\0job\0"]
+    head, _, tail = encode(shell).partition(b'"\\u0000job\\u0000"')
+    body = job.model_dump_json(by_alias=True, exclude_none=True).encode("utf-8")
+    return str(shell["queue_name"]), head + body + tail
+
+
 def encode(message: dict[str, Any]) -> bytes:
     """Encoded as dramatiq's JSON encoder does."""
     return json.dumps(message, separators=(",", ":")).encode("utf-8")
 
 
-__all__ = ["encode", "envelope"]
+__all__ = ["encode", "encode_job", "envelope"]

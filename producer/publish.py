@@ -12,7 +12,7 @@ import pika
 from pydantic import ValidationError
 
 from producer.confirms import ConfirmError, publish_confirmed
-from producer.envelope import encode, envelope
+from producer.envelope import encode, encode_job
 from schemas.constants import DEFAULT_MAX_JOB_BYTES
 from schemas.job import Job
 
@@ -97,7 +97,7 @@ def publish(jobs: Sequence[Job], *, broker_url: str, queue_prefix: str) -> list[
         lists the jobs confirmed before that (their ids are safe to report).
     """
     try:
-        publish_messages([envelope(job, queue_prefix) for job in jobs], broker_url=broker_url)
+        _publish_encoded([encode_job(job, queue_prefix) for job in jobs], broker_url)
     except PublishError as e:
         raise PublishError(str(e), [job.job_id for job in jobs[: e.confirmed_count]]) from e
     return [job.job_id for job in jobs]
@@ -111,16 +111,20 @@ def publish_messages(messages: Sequence[dict[str, Any]], *, broker_url: str) -> 
       PublishError: the broker is unreachable or did not confirm a message;
         ``confirmed_count`` says how many leading messages it did confirm.
     """
+    _publish_encoded([(str(m["queue_name"]), encode(m)) for m in messages], broker_url)
+    return len(messages)
+
+
+def _publish_encoded(messages: list[tuple[str, bytes]], broker_url: str) -> None:
     params = pika.URLParameters(broker_url)
     params.connection_attempts = 1
     params.socket_timeout = 10
     try:
-        publish_confirmed(params, [(str(m["queue_name"]), encode(m)) for m in messages])
+        publish_confirmed(params, messages)
     except ConfirmError as e:
         error = PublishError(f"{e} (RabbitMQ at {params.host}:{params.port})", [])
         error.confirmed_count = e.confirmed
         raise error from e
-    return len(messages)
 
 
 __all__ = ["InputError", "PublishError", "parse_jobs", "publish", "publish_messages"]

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -55,10 +56,27 @@ from worker.tenants import Account, AccountCache
 
 logger = logging.getLogger(__name__)
 
+_SIGNER_REFRESH_S = 60.0
+
 
 def payload_digest(data: dict[str, Any]) -> str:
-    """Fingerprint of a job's content: the same job id with another payload is a conflict."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """Fingerprint of a job's content: the same job id with another payload is a conflict.
+
+    Independent of key order (a replayed job comes back from a jsonb column). Attachment
+    contents are hashed as they are instead of going through the JSON encoder.
+    """
+    attachments = data.get("attachments")
+    contents: list[bytes] = []
+    if isinstance(attachments, list) and all(isinstance(a, dict) for a in attachments):
+        contents = [str(a.get("content_base64", "")).encode() for a in attachments]
+        data = {
+            **data,
+            "attachments": [{k: v for k, v in a.items() if k != "content_base64"} for a in attachments],
+        }
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
+    for content in contents:
+        digest.update(b"\0" + content)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -75,7 +93,8 @@ class Pipeline:
             timeout_ms=self.settings.smtp_timeout_ms,
             on_connect=lambda tenant: metrics.SMTP_CONNECTIONS_OPENED.labels(tenant).inc(),
         )
-        self._signers: dict[str, tuple[object, DkimSigner]] = {}
+        self._signers: dict[str, tuple[object, DkimSigner, float]] = {}
+        self._signers_lock = threading.Lock()
         self.limiter = SeriesLimiter(
             PostgresBackend(self.settings.database_url),
             holder_id=self.holder,
@@ -84,11 +103,17 @@ class Pipeline:
         self.brokers: dict[str, dramatiq.Broker] = {}
 
     def _signer(self, account: Account) -> DkimSigner:
-        """The tenant's signer, rebuilt whenever the settings cache hands out a newly read account."""
+        """The tenant's signer: rebuilt when its DKIM settings change, and at least every minute
+        so a key file replaced on disk is picked up; one thread builds it while the others wait."""
+        assert account.dkim is not None
         cached = self._signers.get(account.id)
-        if cached is None or cached[0] is not account.dkim:
-            assert account.dkim is not None
-            cached = self._signers[account.id] = (account.dkim, load_signer(account.dkim))
+        now = time.monotonic()
+        if cached is not None and cached[0] == account.dkim and now - cached[2] < _SIGNER_REFRESH_S:
+            return cached[1]
+        with self._signers_lock:
+            cached = self._signers.get(account.id)
+            if cached is None or cached[0] != account.dkim or now - cached[2] >= _SIGNER_REFRESH_S:
+                cached = self._signers[account.id] = (account.dkim, load_signer(account.dkim), now)
         return cached[1]
 
     def close(self) -> None:
