@@ -31,13 +31,14 @@ from tests.ratelimit_support import (
 from worker.ratelimit import PostgresBackend, SeriesLimiter, Throttled
 
 ADMIN_DSN = os.environ.get("POSTBOTE_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-MIGRATION = Path(__file__).resolve().parents[1] / "deploy" / "migrations" / "0002_series.sql"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "migrations"
+SERIES_MIGRATIONS = ("0002_series.sql", "0003_series_functions.sql")
 SPAWN = multiprocessing.get_context("spawn")
 
 
 @pytest.fixture
 def dsn() -> Iterator[str]:
-    """A fresh database with the series tables, dropped afterwards."""
+    """A fresh database with the series tables and functions, dropped afterwards."""
     name = f"postbote_test_{uuid.uuid4().hex[:12]}"
     try:
         admin = psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=3)
@@ -48,8 +49,9 @@ def dsn() -> Iterator[str]:
         url = ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
         try:
             with psycopg.connect(url) as conn:
-                conn.execute(MIGRATION.read_text())
-                conn.execute(MIGRATION.read_text())  # applying it twice is harmless
+                for _ in range(2):  # applying them twice is harmless
+                    for name in SERIES_MIGRATIONS:
+                        conn.execute((MIGRATIONS_DIR / name).read_text().encode())
             yield url
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

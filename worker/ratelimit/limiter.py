@@ -68,13 +68,19 @@ class SeriesLimiter:
         holder_id: str | None = None,
         lease_ms: int = 60_000,
         block_size: int = 8,
+        ask_ahead_ms: int = 20,
+        hold_ms: int = 60,
     ) -> None:
         if lease_ms < 1 or block_size < 1:
             raise ValueError("lease_ms and block_size must be positive")
+        if not 0 <= ask_ahead_ms <= hold_ms:
+            raise ValueError("ask_ahead_ms must be between 0 and hold_ms")
         self.backend = backend
         self.holder_id = holder_id or default_holder_id()
         self.lease_ms = lease_ms
         self.block_size = block_size
+        self.ask_ahead_ms = ask_ahead_ms
+        self.hold_ms = hold_ms
         self._pools: dict[str, TenantPool] = {}
         self._lock = threading.Lock()
 
@@ -127,6 +133,7 @@ class SeriesLimiter:
                     batch_size=batch_size,
                     pause_ms=pause_ms,
                     lease_ms=self.lease_ms,
+                    hold_ms=self.hold_ms,
                 )
 
             local = pool.take(request, lease_ms=self.lease_ms, deadline=deadline)
@@ -151,7 +158,9 @@ class SeriesLimiter:
         with self._lock:
             pool = self._pools.get(tenant_id)
             if pool is None:
-                pool = self._pools[tenant_id] = TenantPool(tenant_id, block_size=self.block_size)
+                pool = self._pools[tenant_id] = TenantPool(
+                    tenant_id, block_size=self.block_size, ask_ahead_ms=self.ask_ahead_ms
+                )
             return pool
 
     def _take_priority(self, tenant_id: str, batch_size: int, pause_ms: int, deadline: float) -> Lease:
@@ -168,14 +177,15 @@ class SeriesLimiter:
                 lease_ms=self.lease_ms,
                 priority=True,
                 waiter_id=waiter_id,
+                hold_ms=self.hold_ms,
             )
             if isinstance(outcome, Lease):
                 return outcome
-            wake = time.monotonic() + outcome.retry_in_ms / 1000
-            if wake > deadline:
+            retry_at = time.monotonic() + outcome.retry_in_ms / 1000
+            if retry_at > deadline:
                 self.backend.forget_waiter(tenant_id, waiter_id)
                 raise Throttled(tenant_id, outcome.retry_in_ms)
-            time.sleep(max(wake - time.monotonic(), 0.0))
+            time.sleep(max(retry_at - self.ask_ahead_ms / 1000 - time.monotonic(), 0.0))
 
     def _release(self, spent: list[LocalLease]) -> None:
         for local in spent:

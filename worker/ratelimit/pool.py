@@ -37,9 +37,10 @@ class LocalLease:
 class TenantPool:
     """The leases and waiting threads of one tenant in this process."""
 
-    def __init__(self, tenant_id: str, *, block_size: int) -> None:
+    def __init__(self, tenant_id: str, *, block_size: int, ask_ahead_ms: int = 0) -> None:
         self.tenant_id = tenant_id
         self._block_size = block_size
+        self._ask_ahead = ask_ahead_ms / 1000
         self._cond = threading.Condition()
         self._leases: list[LocalLease] = []
         self._waiting = 0
@@ -75,12 +76,13 @@ class TenantPool:
                     return local
             if self._not_before > deadline:
                 raise Throttled(self.tenant_id, _ms(self._not_before - now))
-            if not self._asking and now >= self._not_before:
+            ask_from = self._not_before - self._ask_ahead
+            if not self._asking and now >= ask_from:
                 self._ask(request, lease_ms=lease_ms)
                 continue
             if now >= deadline:
                 raise Throttled(self.tenant_id, _ms(max(self._not_before - now, 0.0)))
-            until = deadline if self._asking else min(self._not_before, deadline)
+            until = deadline if self._asking else min(ask_from, deadline)
             self._cond.wait(max(until - now, 0.0))
 
     def _ask(self, request: Callable[[int], Lease | Wait], *, lease_ms: int) -> None:
