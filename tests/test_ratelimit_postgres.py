@@ -11,11 +11,9 @@ import multiprocessing
 import os
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from tests.ratelimit_support import (
@@ -26,35 +24,19 @@ from tests.ratelimit_support import (
     record_arrival,
     run_holder,
     run_sender,
+    series_database,
     throttled_count,
 )
 from worker.ratelimit import PostgresBackend, SeriesLimiter, Throttled
 
-ADMIN_DSN = os.environ.get("POSTBOTE_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "migrations"
-SERIES_MIGRATIONS = ("0002_series.sql", "0003_series_functions.sql")
 SPAWN = multiprocessing.get_context("spawn")
 
 
 @pytest.fixture
 def dsn() -> Iterator[str]:
     """A fresh database with the series tables and functions, dropped afterwards."""
-    name = f"postbote_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as e:
-        pytest.skip(f"PostgreSQL not reachable: {e}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        url = ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
-        try:
-            with psycopg.connect(url) as conn:
-                for _ in range(2):  # applying them twice is harmless
-                    for name in SERIES_MIGRATIONS:
-                        conn.execute((MIGRATIONS_DIR / name).read_text().encode())
-            yield url
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with series_database() as url:
+        yield url
 
 
 def run_processes(*senders: Sender, timeout_s: float = 60) -> None:
