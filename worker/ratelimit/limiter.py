@@ -50,7 +50,8 @@ class SeriesLimiter:
     One limiter per worker process, shared by its threads. Slots are leased
     from the backend in blocks (at most ``block_size`` per request, never more
     than the threads of this process waiting for the tenant at that moment),
-    so a busy process makes two backend calls per block, not per mail.
+    so a busy process makes two backend calls per block (acquire, release),
+    not per mail.
 
     Parameters:
       backend: the shared store (:class:`~worker.ratelimit.postgres.PostgresBackend`).
@@ -59,6 +60,11 @@ class SeriesLimiter:
         its expiry, so a killed worker cannot block its tenant. A send must
         end within ``lease_ms / 2`` of its slot being granted.
       block_size: most slots one request leases for this process.
+      ask_ahead_ms: ask this long before the time the backend named (the
+        next series cannot open sooner) ...
+      hold_ms: ... and let the backend hold a refused call up to this long,
+        waiting on its own clock for the series to open. A held call keeps one
+        database connection but no lock. Needs ``ask_ahead_ms <= hold_ms``.
     """
 
     def __init__(

@@ -3,10 +3,13 @@
 One thread at a time asks the backend, for as many slots as there are
 threads waiting (at most ``block_size``); the others wait on a condition and
 take slots from the lease it brings back. While the backend says "not before
-T", nobody asks again before T. A lease is released when its last slot in
-use is finished and no more slots of it will be used: all were taken, no
-thread is waiting, or it is past half its lifetime (a send must end well
-before the lease expires).
+T", nobody asks before ``T - ask_ahead_ms``: asked that early, the backend
+holds the call (``hold_ms``) and grants on its own clock the moment the next
+series opens, so neither this host's wake-up latency nor a round trip is
+added to the pause. A lease is released once, when its last slot in use is
+finished and no more slots of it will be used: all were taken, no thread is
+waiting, or it is past half its lifetime (a send must end well before the
+lease expires).
 """
 
 from __future__ import annotations
