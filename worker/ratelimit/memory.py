@@ -28,7 +28,9 @@ class MemoryBackend(SeriesBackend):
 
     Parameters:
       clock_us: the clock in microseconds (defaults to the wall clock), so tests
-        can drive time by hand.
+        can drive time by hand. A held call (``hold_ms``) sleeps outside the
+        lock until this clock reaches the retry time, so give hand-driven
+        clocks ``hold_ms=0``.
     """
 
     def __init__(self, clock_us: Callable[[], int] = _wall_clock_us) -> None:
