@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import psycopg
+import pytest
 
 from worker.ratelimit import PostgresBackend, SeriesLimiter, Throttled
 
@@ -115,3 +121,29 @@ def run_holder(dsn: str, out: str, tenant_id: str, batch_size: int, pause_ms: in
 def throttled_count(directory: Path, tenant_id: str) -> int:
     """Throttled slots reported by the sender processes of ``tenant_id``."""
     return sum(int(p.read_text()) for p in directory.glob(f"throttled-{tenant_id}-*.txt"))
+
+
+ADMIN_DSN = os.environ.get("POSTBOTE_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "migrations"
+SERIES_MIGRATIONS = ("0002_series.sql", "0004_series_functions.sql")
+
+
+@contextmanager
+def series_database() -> Iterator[str]:
+    """A fresh database with the series tables and functions (applied twice: harmless), dropped afterwards."""
+    database = f"postbote_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"PostgreSQL not reachable: {e}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{database}"')
+        url = ADMIN_DSN.rsplit("/", 1)[0] + "/" + database
+        try:
+            with psycopg.connect(url) as conn:
+                for _ in range(2):
+                    for migration in SERIES_MIGRATIONS:
+                        conn.execute((MIGRATIONS_DIR / migration).read_text().encode())
+            yield url
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

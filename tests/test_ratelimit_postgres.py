@@ -10,9 +10,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
-import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -26,33 +27,19 @@ from tests.ratelimit_support import (
     record_arrival,
     run_holder,
     run_sender,
+    series_database,
     throttled_count,
 )
-from worker.ratelimit import PostgresBackend, SeriesLimiter, Throttled
+from worker.ratelimit import Lease, PostgresBackend, SeriesLimiter, Throttled, Wait
 
-ADMIN_DSN = os.environ.get("POSTBOTE_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-MIGRATION = Path(__file__).resolve().parents[1] / "deploy" / "migrations" / "0002_series.sql"
 SPAWN = multiprocessing.get_context("spawn")
 
 
 @pytest.fixture
 def dsn() -> Iterator[str]:
-    """A fresh database with the series tables, dropped afterwards."""
-    name = f"postbote_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as e:
-        pytest.skip(f"PostgreSQL not reachable: {e}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        url = ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
-        try:
-            with psycopg.connect(url) as conn:
-                conn.execute(MIGRATION.read_text())
-                conn.execute(MIGRATION.read_text())  # applying it twice is harmless
-            yield url
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """A fresh database with the series tables and functions, dropped afterwards."""
+    with series_database() as url:
+        yield url
 
 
 def run_processes(*senders: Sender, timeout_s: float = 60) -> None:
@@ -154,3 +141,39 @@ def test_a_priority_caller_is_served_in_the_next_series_while_bulk_senders_compe
     for asked, arrived in receipts:
         # Sent in the series running when the receipt was asked for, or the next one.
         assert sum(1 for s in starts if asked < s <= arrived) <= 1
+
+
+def test_a_held_call_blocks_nobody_and_is_granted_a_pause_after_the_last_finish(dsn: str) -> None:
+    backend = PostgresBackend(dsn)
+
+    def acquire(hold_ms: int) -> Lease | Wait:
+        return backend.acquire(
+            "acme", holder_id="test", want=1, batch_size=1, pause_ms=300, lease_ms=60_000, hold_ms=hold_ms
+        )
+
+    first = acquire(0)
+    assert isinstance(first, Lease)
+    events: list[str] = []
+    held: list[Lease | Wait] = []
+
+    def ask_and_hold() -> None:
+        held.append(acquire(2_000))
+        events.append("granted")
+
+    asker = threading.Thread(target=ask_and_hold)
+    asker.start()
+    time.sleep(0.05)
+    backend.release(first)  # locks the tenant's row: must not wait for the held call
+    events.append("released")
+    with psycopg.connect(dsn) as conn:
+        (last_finish,) = conn.execute("SELECT last_finish_at FROM series_state").fetchone() or (None,)
+    asker.join()
+    backend.close()
+
+    assert events == ["released", "granted"]
+    (second,) = held
+    assert isinstance(second, Lease) and second.series_no == first.series_no + 1
+    with psycopg.connect(dsn) as conn:
+        (granted_at,) = conn.execute("SELECT granted_at FROM series_leases").fetchone() or (None,)
+    assert isinstance(last_finish, datetime) and isinstance(granted_at, datetime)
+    assert granted_at - last_finish >= timedelta(milliseconds=300)

@@ -53,6 +53,7 @@ class SeriesBackend(abc.ABC):
         lease_ms: int,
         priority: bool = False,
         waiter_id: str | None = None,
+        hold_ms: int = 0,
     ) -> Lease | Wait:
         """Lease up to ``want`` slots in the tenant's current series, or say when to ask again.
 
@@ -62,6 +63,10 @@ class SeriesBackend(abc.ABC):
           priority: may use the room kept for priority waiters; when refused,
             ``waiter_id`` is registered as a waiter so bulk grants keep room for it.
           waiter_id: required with ``priority``; the same id on every retry.
+          hold_ms: while refused with the next chance at most this long after
+            the call began, wait for it (blocking no other caller) and ask
+            again, so a caller may ask a little early and still be served on
+            time. ``Wait`` is returned only for a later retry time.
         """
 
     @abc.abstractmethod

@@ -50,7 +50,8 @@ class SeriesLimiter:
     One limiter per worker process, shared by its threads. Slots are leased
     from the backend in blocks (at most ``block_size`` per request, never more
     than the threads of this process waiting for the tenant at that moment),
-    so a busy process makes two backend calls per block, not per mail.
+    so a busy process makes two backend calls per block (acquire, release),
+    not per mail.
 
     Parameters:
       backend: the shared store (:class:`~worker.ratelimit.postgres.PostgresBackend`).
@@ -59,6 +60,11 @@ class SeriesLimiter:
         its expiry, so a killed worker cannot block its tenant. A send must
         end within ``lease_ms / 2`` of its slot being granted.
       block_size: most slots one request leases for this process.
+      ask_ahead_ms: ask this long before the time the backend named (the
+        next series cannot open sooner) ...
+      hold_ms: ... and let the backend hold a refused call up to this long,
+        waiting on its own clock for the series to open. A held call keeps one
+        database connection but no lock. Needs ``ask_ahead_ms <= hold_ms``.
     """
 
     def __init__(
@@ -68,13 +74,19 @@ class SeriesLimiter:
         holder_id: str | None = None,
         lease_ms: int = 60_000,
         block_size: int = 8,
+        ask_ahead_ms: int = 20,
+        hold_ms: int = 60,
     ) -> None:
         if lease_ms < 1 or block_size < 1:
             raise ValueError("lease_ms and block_size must be positive")
+        if not 0 <= ask_ahead_ms <= hold_ms:
+            raise ValueError("ask_ahead_ms must be between 0 and hold_ms")
         self.backend = backend
         self.holder_id = holder_id or default_holder_id()
         self.lease_ms = lease_ms
         self.block_size = block_size
+        self.ask_ahead_ms = ask_ahead_ms
+        self.hold_ms = hold_ms
         self._pools: dict[str, TenantPool] = {}
         self._lock = threading.Lock()
 
@@ -127,6 +139,7 @@ class SeriesLimiter:
                     batch_size=batch_size,
                     pause_ms=pause_ms,
                     lease_ms=self.lease_ms,
+                    hold_ms=self.hold_ms,
                 )
 
             local = pool.take(request, lease_ms=self.lease_ms, deadline=deadline)
@@ -151,7 +164,9 @@ class SeriesLimiter:
         with self._lock:
             pool = self._pools.get(tenant_id)
             if pool is None:
-                pool = self._pools[tenant_id] = TenantPool(tenant_id, block_size=self.block_size)
+                pool = self._pools[tenant_id] = TenantPool(
+                    tenant_id, block_size=self.block_size, ask_ahead_ms=self.ask_ahead_ms
+                )
             return pool
 
     def _take_priority(self, tenant_id: str, batch_size: int, pause_ms: int, deadline: float) -> Lease:
@@ -168,14 +183,15 @@ class SeriesLimiter:
                 lease_ms=self.lease_ms,
                 priority=True,
                 waiter_id=waiter_id,
+                hold_ms=self.hold_ms,
             )
             if isinstance(outcome, Lease):
                 return outcome
-            wake = time.monotonic() + outcome.retry_in_ms / 1000
-            if wake > deadline:
+            retry_at = time.monotonic() + outcome.retry_in_ms / 1000
+            if retry_at > deadline:
                 self.backend.forget_waiter(tenant_id, waiter_id)
                 raise Throttled(tenant_id, outcome.retry_in_ms)
-            time.sleep(max(wake - time.monotonic(), 0.0))
+            time.sleep(max(retry_at - self.ask_ahead_ms / 1000 - time.monotonic(), 0.0))
 
     def _release(self, spent: list[LocalLease]) -> None:
         for local in spent:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .backend import Lease, SeriesBackend, Wait
-from .series import US_PER_MS, WAITER_GRACE_MS, Granted, SeriesState, ceil_ms, decide, finish, reap
+from .series import US_PER_MS, WAITER_GRACE_MS, Granted, Refused, SeriesState, ceil_ms, decide, finish, reap
 
 
 def _wall_clock_us() -> int:
@@ -28,7 +28,9 @@ class MemoryBackend(SeriesBackend):
 
     Parameters:
       clock_us: the clock in microseconds (defaults to the wall clock), so tests
-        can drive time by hand.
+        can drive time by hand. A held call (``hold_ms``) sleeps outside the
+        lock until this clock reaches the retry time, so give hand-driven
+        clocks ``hold_ms=0``.
     """
 
     def __init__(self, clock_us: Callable[[], int] = _wall_clock_us) -> None:
@@ -48,9 +50,33 @@ class MemoryBackend(SeriesBackend):
         lease_ms: int,
         priority: bool = False,
         waiter_id: str | None = None,
+        hold_ms: int = 0,
     ) -> Lease | Wait:
         if priority and waiter_id is None:
             raise ValueError("a priority caller needs a waiter_id")
+        hold_until = self._clock_us() + max(hold_ms, 0) * US_PER_MS
+        while True:
+            outcome, now = self._try_acquire(
+                tenant_id, holder_id, want, batch_size, pause_ms, lease_ms, priority, waiter_id
+            )
+            if isinstance(outcome, Lease):
+                return outcome
+            if outcome.retry_at_us > hold_until or outcome.retry_at_us <= now:
+                return Wait(ceil_ms(outcome.retry_at_us - now), outcome.state.series_no)
+            # Outside the lock, like series_acquire's sleep after its commit.
+            time.sleep(max(outcome.retry_at_us - self._clock_us(), 0) / 1e6)
+
+    def _try_acquire(
+        self,
+        tenant_id: str,
+        holder_id: str,
+        want: int,
+        batch_size: int,
+        pause_ms: int,
+        lease_ms: int,
+        priority: bool,
+        waiter_id: str | None,
+    ) -> tuple[Lease | Refused, int]:
         with self._lock:
             now = self._clock_us()
             tenant = self._tenants.setdefault(tenant_id, _Tenant(SeriesState(), {}, {}))
@@ -80,10 +106,10 @@ class MemoryBackend(SeriesBackend):
                     now + lease_ms * US_PER_MS,
                 )
                 full_ms = pause_ms if outcome.room_left == 0 else 0
-                return Lease(lease_id, tenant_id, outcome.state.series_no, outcome.slots, full_ms)
+                return Lease(lease_id, tenant_id, outcome.state.series_no, outcome.slots, full_ms), now
             if priority and waiter_id is not None:
                 tenant.waiters[waiter_id] = outcome.retry_at_us + WAITER_GRACE_MS * US_PER_MS
-            return Wait(ceil_ms(outcome.retry_at_us - now), outcome.state.series_no)
+            return outcome, now
 
     def release(self, lease: Lease, *, unused: int = 0) -> bool:
         with self._lock:

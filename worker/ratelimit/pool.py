@@ -3,10 +3,13 @@
 One thread at a time asks the backend, for as many slots as there are
 threads waiting (at most ``block_size``); the others wait on a condition and
 take slots from the lease it brings back. While the backend says "not before
-T", nobody asks again before T. A lease is released when its last slot in
-use is finished and no more slots of it will be used: all were taken, no
-thread is waiting, or it is past half its lifetime (a send must end well
-before the lease expires).
+T", nobody asks before ``T - ask_ahead_ms``: asked that early, the backend
+holds the call (``hold_ms``) and grants on its own clock the moment the next
+series opens, so neither this host's wake-up latency nor a round trip is
+added to the pause. A lease is released once, when its last slot in use is
+finished and no more slots of it will be used: all were taken, no thread is
+waiting, or it is past half its lifetime (a send must end well before the
+lease expires).
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ class LocalLease:
 class TenantPool:
     """The leases and waiting threads of one tenant in this process."""
 
-    def __init__(self, tenant_id: str, *, block_size: int) -> None:
+    def __init__(self, tenant_id: str, *, block_size: int, ask_ahead_ms: int = 0) -> None:
         self.tenant_id = tenant_id
         self._block_size = block_size
+        self._ask_ahead = ask_ahead_ms / 1000
         self._cond = threading.Condition()
         self._leases: list[LocalLease] = []
         self._waiting = 0
@@ -75,12 +79,13 @@ class TenantPool:
                     return local
             if self._not_before > deadline:
                 raise Throttled(self.tenant_id, _ms(self._not_before - now))
-            if not self._asking and now >= self._not_before:
+            ask_from = self._not_before - self._ask_ahead
+            if not self._asking and now >= ask_from:
                 self._ask(request, lease_ms=lease_ms)
                 continue
             if now >= deadline:
                 raise Throttled(self.tenant_id, _ms(max(self._not_before - now, 0.0)))
-            until = deadline if self._asking else min(self._not_before, deadline)
+            until = deadline if self._asking else min(ask_from, deadline)
             self._cond.wait(max(until - now, 0.0))
 
     def _ask(self, request: Callable[[int], Lease | Wait], *, lease_ms: int) -> None:

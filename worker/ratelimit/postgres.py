@@ -1,20 +1,21 @@
 """The PostgreSQL backend: series state shared by every worker on every host.
 
-Each call is one short transaction that locks the tenant's ``series_state``
-row (``SELECT … FOR UPDATE``), reads the live leases and priority waiters,
-applies :mod:`worker.ratelimit.series` and writes the result back. All times
-come from the database clock, never the hosts'. Tables: see
-``deploy/migrations/0002_series.sql``.
-
-A transaction is two messages: "lock and read" and "write and commit", sent
-as multi-statement queries (client-side parameter binding), so the row stays
-locked for one client round trip however busy the worker host is.
+Acquiring and releasing are one statement each: ``CALL series_acquire(…)``
+and ``SELECT series_release(…)``, defined in
+``deploy/migrations/0004_series_functions.sql`` on the tables of
+``0002_series.sql``. They lock the tenant's ``series_state`` row, reap
+expired leases, apply the series rule (a transcription of
+:mod:`worker.ratelimit.series`, proven equal to it by
+``tests/test_ratelimit_equivalence.py``) and write the result back, so the row
+is locked only while the server works, never across a client round trip
+however busy the worker host is. All times come from the database clock,
+never the hosts'.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
@@ -23,78 +24,27 @@ import psycopg
 from worker.errors import DatabaseUnavailable
 
 from .backend import Lease, SeriesBackend, Wait
-from .series import US_PER_MS, WAITER_GRACE_MS, Granted, SeriesState, ceil_ms, decide, finish, reap
+from .series import check_limits
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 
-# Limiter state is short-lived: waiting for the WAL flush would double the time
-# the row stays locked. A database crash may lose the last milliseconds of
+_ACQUIRE = """
+CALL series_acquire(%(tenant)s, %(holder)s, %(want)s, %(batch_size)s, %(pause_ms)s, %(lease_ms)s,
+                    %(priority)s, %(waiter)s, %(hold_ms)s, %(at)s, NULL, NULL, NULL, NULL, NULL)
+"""
+_RELEASE = "SELECT series_release(%(tenant)s, %(lease_id)s, %(slots)s, %(unused)s, %(at)s)"
+_FORGET_WAITER = "DELETE FROM series_priority_waiters WHERE tenant_id = %(tenant)s AND waiter_id = %(waiter)s"
+# Limiter state is short-lived: waiting for the WAL flush would make every call
+# as slow as an fsync. A database crash may lose the last milliseconds of
 # grants (docs/series.md); nothing else changes.
-_BEGIN = """
-BEGIN;
-SET LOCAL synchronous_commit TO off;
-"""
-_LOCK_STATE = """
-INSERT INTO series_state (tenant_id) VALUES (%(tenant)s) ON CONFLICT DO NOTHING;
-SELECT series_no, granted, opened_at, last_finish_at
-  FROM series_state WHERE tenant_id = %(tenant)s FOR UPDATE;
-"""
-# Runs after the row lock was granted; clock_timestamp(), because every
-# statement of one message shares its statement_timestamp(). Data-modifying
-# CTEs see the snapshot from before their deletes, hence the explicit expiry
-# filters in the counts.
-_REAP = """
-WITH now AS MATERIALIZED (SELECT clock_timestamp() AS t),
-reaped AS (
-    DELETE FROM series_leases l USING now
-     WHERE l.tenant_id = %(tenant)s AND l.expires_at <= now.t
- RETURNING l.expires_at),
-dropped AS (
-    DELETE FROM series_priority_waiters w USING now
-     WHERE w.tenant_id = %(tenant)s AND w.expires_at <= now.t)
-SELECT now.t,
-       (SELECT max(expires_at) FROM reaped),
-       (SELECT count(*) FROM series_leases l
-         WHERE l.tenant_id = %(tenant)s AND l.expires_at > now.t),
-       (SELECT count(*) FROM series_priority_waiters w
-         WHERE w.tenant_id = %(tenant)s AND w.expires_at > now.t
-           AND w.waiter_id IS DISTINCT FROM %(waiter)s)
-  FROM now;
-"""
-_SAVE_STATE = """
-UPDATE series_state
-   SET series_no = %(series_no)s, granted = %(granted)s,
-       opened_at = %(opened_at)s, last_finish_at = %(last_finish_at)s
- WHERE tenant_id = %(tenant)s;
-"""
-_INSERT_LEASE = """
-INSERT INTO series_leases (tenant_id, series_no, holder_id, slots, granted_at, expires_at)
-VALUES (%(tenant)s, %(series_no)s, %(holder)s, %(slots)s, %(now)s,
-        %(now)s + %(lease_ms)s * interval '1 millisecond')
-RETURNING lease_id;
-"""
-_DELETE_WAITER = (
-    "DELETE FROM series_priority_waiters WHERE tenant_id = %(tenant)s AND waiter_id = %(waiter)s;"
-)
-_UPSERT_WAITER = """
-INSERT INTO series_priority_waiters (tenant_id, waiter_id, expires_at)
-VALUES (%(tenant)s, %(waiter)s, %(expires_at)s)
-ON CONFLICT (tenant_id, waiter_id) DO UPDATE SET expires_at = EXCLUDED.expires_at;
-"""
-# The finish time is read after the row lock was granted, which is after the
-# SMTP server accepted the mail.
-_DELETE_LEASE = """
-WITH gone AS (DELETE FROM series_leases WHERE lease_id = %(lease_id)s RETURNING series_no)
-SELECT clock_timestamp(), (SELECT series_no FROM gone);
-"""
-_COMMIT = "COMMIT;"
+_SESSION_SETUP = "SET synchronous_commit TO off"
 
 Row = tuple[object, ...]
 
 
 class PostgresBackend(SeriesBackend):
-    """Series state in PostgreSQL (tables from ``0002_series.sql``).
+    """Series state in PostgreSQL (tables from ``0002_series.sql``, functions from ``0004_series_functions.sql``).
 
     Parameters:
       conninfo: a libpq URL or key/value string.
@@ -102,16 +52,24 @@ class PostgresBackend(SeriesBackend):
         uses one connection, so a process needs about one per concurrently
         acquiring tenant.
       connect_timeout_ms: give up connecting after this long.
+      clock_us: for tests only: the time in microseconds to use instead of
+        the database clock (``hold_ms`` is then ignored).
 
     Every psycopg error becomes :class:`worker.errors.DatabaseUnavailable`.
     """
 
     def __init__(
-        self, conninfo: str, *, max_idle_connections: int = 4, connect_timeout_ms: int = 5000
+        self,
+        conninfo: str,
+        *,
+        max_idle_connections: int = 4,
+        connect_timeout_ms: int = 5000,
+        clock_us: Callable[[], int] | None = None,
     ) -> None:
         self._conninfo = conninfo
         self._max_idle = max_idle_connections
         self._connect_timeout_s = max(1, -(-connect_timeout_ms // 1000))
+        self._clock_us = clock_us
         self._idle: list[psycopg.Connection[Row]] = []
         self._lock = threading.Lock()
 
@@ -126,58 +84,48 @@ class PostgresBackend(SeriesBackend):
         lease_ms: int,
         priority: bool = False,
         waiter_id: str | None = None,
+        hold_ms: int = 0,
     ) -> Lease | Wait:
         if priority and waiter_id is None:
             raise ValueError("a priority caller needs a waiter_id")
-        args: dict[str, object] = {"tenant": tenant_id, "waiter": waiter_id}
+        check_limits(batch_size, pause_ms)
+        if want < 1:
+            raise ValueError(f"want must be at least 1, got {want}")
+        args = {
+            "tenant": tenant_id,
+            "holder": holder_id,
+            "want": want,
+            "batch_size": batch_size,
+            "pause_ms": pause_ms,
+            "lease_ms": lease_ms,
+            "priority": priority,
+            "waiter": waiter_id,
+            "hold_ms": hold_ms,
+            "at": self._at(),
+        }
         with self._session() as cur:
-            state_row, reap_row = _query(cur, _BEGIN + _LOCK_STATE + _REAP, args)
-            now_at, reaped_until, live, waiters = reap_row
-            assert isinstance(now_at, datetime)
-            now = _to_us(now_at)
-            state = _state(state_row)
-            if isinstance(reaped_until, datetime):
-                state = reap(state, [_to_us(reaped_until)])
-            outcome = decide(
-                state,
-                now_us=now,
-                live_leases=_int(live),
-                priority_waiters=_int(waiters),
-                want=want,
-                batch_size=batch_size,
-                pause_ms=pause_ms,
-                priority=priority,
-            )
-            write = {**args, **_state_args(outcome.state)}
-            if isinstance(outcome, Granted):
-                sql = _SAVE_STATE + (_DELETE_WAITER if waiter_id is not None else "") + _INSERT_LEASE
-                write.update(holder=holder_id, slots=outcome.slots, now=now_at, lease_ms=lease_ms)
-                ((lease_id,),) = _query(cur, sql + _COMMIT, write)
-                full_ms = pause_ms if outcome.room_left == 0 else 0
-                return Lease(_int(lease_id), tenant_id, outcome.state.series_no, outcome.slots, full_ms)
-            sql = _SAVE_STATE + (_UPSERT_WAITER if priority else "")
-            write["expires_at"] = _from_us(outcome.retry_at_us + WAITER_GRACE_MS * US_PER_MS)
-            _query(cur, sql + _COMMIT, write)
-            return Wait(ceil_ms(outcome.retry_at_us - now), outcome.state.series_no)
+            lease_id, series_no, slots, next_ask_ms, retry_in_ms = _one(cur, _ACQUIRE, args)
+        if lease_id is None:
+            return Wait(_int(retry_in_ms), _int(series_no))
+        return Lease(_int(lease_id), tenant_id, _int(series_no), _int(slots), _int(next_ask_ms))
 
     def release(self, lease: Lease, *, unused: int = 0) -> bool:
-        args: dict[str, object] = {"tenant": lease.tenant_id, "lease_id": lease.lease_id}
+        if not 0 <= unused <= lease.slots:
+            raise ValueError(f"unused must be between 0 and {lease.slots}, got {unused}")
+        args = {
+            "tenant": lease.tenant_id,
+            "lease_id": lease.lease_id,
+            "slots": lease.slots,
+            "unused": unused,
+            "at": self._at(),
+        }
         with self._session() as cur:
-            state_row, (now_at, series_no) = _query(cur, _BEGIN + _LOCK_STATE + _DELETE_LEASE, args)
-            assert isinstance(now_at, datetime)
-            state = finish(
-                _state(state_row),
-                now_us=_to_us(now_at),
-                lease_series_no=None if series_no is None else _int(series_no),
-                slots=lease.slots,
-                unused=unused,
-            )
-            _query(cur, _SAVE_STATE + _COMMIT, {**args, **_state_args(state)})
-            return series_no is not None
+            (in_time,) = _one(cur, _RELEASE, args)
+        return in_time is True
 
     def forget_waiter(self, tenant_id: str, waiter_id: str) -> None:
         with self._session() as cur:
-            _query(cur, _DELETE_WAITER, {"tenant": tenant_id, "waiter": waiter_id})
+            cur.execute(_FORGET_WAITER, {"tenant": tenant_id, "waiter": waiter_id})
 
     def close(self) -> None:
         """Close the idle connections; later calls open new ones."""
@@ -185,6 +133,9 @@ class PostgresBackend(SeriesBackend):
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+    def _at(self) -> datetime | None:
+        return None if self._clock_us is None else _EPOCH + self._clock_us() * _US
 
     @contextmanager
     def _session(self) -> Iterator[psycopg.ClientCursor[Row]]:
@@ -198,12 +149,18 @@ class PostgresBackend(SeriesBackend):
     def _connection(self) -> Iterator[psycopg.Connection[Row]]:
         with self._lock:
             conn = self._idle.pop() if self._idle else None
-        if conn is None or conn.closed:
+        fresh = conn is None or conn.closed
+        if fresh:
+            # autocommit: series_acquire commits before it sleeps, which a
+            # procedure may only do outside a transaction block.
             conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=self._connect_timeout_s)
+        assert conn is not None
         try:
+            if fresh:
+                conn.execute(_SESSION_SETUP)
             yield conn
         except BaseException:
-            # The connection may be broken or mid-transaction: don't reuse it.
+            # The connection may be broken or mid-statement: don't reuse it.
             conn.close()
             raise
         with self._lock:
@@ -213,49 +170,16 @@ class PostgresBackend(SeriesBackend):
         conn.close()
 
 
-def _query(cur: psycopg.ClientCursor[Row], sql: str, args: dict[str, object]) -> list[Row]:
-    """Run several statements in one message; return the first row of each that returned rows."""
+def _one(cur: psycopg.ClientCursor[Row], sql: str, args: dict[str, object]) -> Row:
     cur.execute(sql, args)
-    rows: list[Row] = []
-    while True:
-        if cur.description is not None:
-            row = cur.fetchone()
-            assert row is not None
-            rows.append(row)
-        if not cur.nextset():
-            return rows
-
-
-def _state(row: Row) -> SeriesState:
-    series_no, granted, opened_at, last_finish_at = row
-    return SeriesState(
-        series_no=_int(series_no),
-        granted=_int(granted),
-        opened_us=_to_us(opened_at) if isinstance(opened_at, datetime) else None,
-        last_finish_us=_to_us(last_finish_at) if isinstance(last_finish_at, datetime) else None,
-    )
-
-
-def _state_args(state: SeriesState) -> dict[str, object]:
-    return {
-        "series_no": state.series_no,
-        "granted": state.granted,
-        "opened_at": None if state.opened_us is None else _from_us(state.opened_us),
-        "last_finish_at": None if state.last_finish_us is None else _from_us(state.last_finish_us),
-    }
+    row = cur.fetchone()
+    assert row is not None
+    return row
 
 
 def _int(value: object) -> int:
     assert isinstance(value, int)
     return value
-
-
-def _to_us(at: datetime) -> int:
-    return (at - _EPOCH) // _US
-
-
-def _from_us(us: int) -> datetime:
-    return _EPOCH + us * _US
 
 
 __all__ = ["PostgresBackend"]

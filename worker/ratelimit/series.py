@@ -1,8 +1,13 @@
 """The series rule as pure functions over one tenant's state.
 
-Both backends call these functions with the tenant's state locked (a
-``threading.Lock`` in memory, ``SELECT … FOR UPDATE`` in PostgreSQL), so the
-rule lives in exactly one place and is unit-tested without a database.
+This module is the rule's reference: the in-memory backend calls these
+functions under a ``threading.Lock``; PostgreSQL runs a line-by-line
+transcription of :func:`reap`, :func:`decide` and :func:`finish` in PL/pgSQL
+(``deploy/migrations/0004_series_functions.sql``) with the tenant's row locked,
+so a call is one statement and the lock never spans a client round trip.
+``tests/test_ratelimit_equivalence.py`` drives both with the same random
+sequences of acquire, release and expiry events and requires identical answers
+and state; change both together.
 
 The rule (settings "Serienmail Anzahl pro Serie" = ``batch_size``,
 "Serienmail Pause" = ``pause_ms``): a *series* is numbered; slots are granted
