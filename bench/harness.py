@@ -183,28 +183,25 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def peak_rss_mb(pids: list[int]) -> float:
     """The largest peak resident set (VmHWM) among the processes, in MB."""
-    peak = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]))
-        except OSError:
-            continue
-    return peak / 1024
+    return _largest_status_kb(pids, "VmHWM:") / 1024
 
 
 def rss_mb(pids: list[int]) -> float:
     """The largest current resident set (VmRSS) among the processes, in MB."""
+    return _largest_status_kb(pids, "VmRSS:") / 1024
+
+
+def _largest_status_kb(pids: list[int], field: str) -> int:
     largest = 0
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    largest = max(largest, int(line.split()[1]))
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
         except OSError:
             continue
-    return largest / 1024
+        for line in lines:
+            if line.startswith(field):
+                largest = max(largest, int(line.split()[1]))
+    return largest
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -308,16 +308,7 @@ class Pipeline:
             )
         metrics.MAILS_FAILED.labels(job.tenant, job.document.type.value, error.reason).inc()
         metrics.DEAD_LETTERED.labels(job.tenant, job.document.type.value, error.reason).inc()
-        log_outcome(
-            "failed",
-            job_id=job.job_id,
-            tenant=job.tenant,
-            document=f"{job.document.type.value} {job.document.number}",
-            reason=error.reason,
-            detail=str(error),
-            smtp_reply=error.smtp_reply,
-            duration_ms=round((time.monotonic() - started) * 1000),
-        )
+        _log_failure("failed", job, error, started)
 
     def _retry_later(self, job: Job, error: TransientError, started: float) -> None:
         metrics.RETRIES.labels(job.tenant, job.document.type.value, error.reason).inc()
@@ -333,16 +324,7 @@ class Pipeline:
                 )
         except DatabaseUnavailable:
             pass
-        log_outcome(
-            "retrying",
-            job_id=job.job_id,
-            tenant=job.tenant,
-            document=f"{job.document.type.value} {job.document.number}",
-            reason=error.reason,
-            detail=str(error),
-            smtp_reply=error.smtp_reply,
-            duration_ms=round((time.monotonic() - started) * 1000),
-        )
+        _log_failure("retrying", job, error, started)
 
     def give_up(
         self, message: dramatiq.MessageProxy, error: BaseException, reason: str, detail: str, attempts: int
@@ -402,6 +384,19 @@ class Pipeline:
             )
         metrics.DEAD_LETTERED.labels("unknown", "unknown", error.reason).inc()
         log_outcome("failed", job_id=job_id, reason=error.reason, detail=str(error))
+
+
+def _log_failure(outcome: str, job: Job, error: PermanentError | TransientError, started: float) -> None:
+    log_outcome(
+        outcome,
+        job_id=job.job_id,
+        tenant=job.tenant,
+        document=f"{job.document.type.value} {job.document.number}",
+        reason=error.reason,
+        detail=str(error),
+        smtp_reply=error.smtp_reply,
+        duration_ms=round((time.monotonic() - started) * 1000),
+    )
 
 
 def register_actor(broker: dramatiq.Broker, pipeline: Pipeline, prefix: str, lane: str) -> str:
