@@ -169,6 +169,7 @@ def _publish_and_watch(settings: Settings, sink: Sink, run_dir: Path, count: int
     say(f"published {len(ids)} documents ({Counter(e.job['document']['type'] for e in expectations)})")
     final: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + max(120, count)
+    last_progress = ""
     while time.monotonic() < deadline:
         with connect(settings.database_url) as conn:
             rows = conn.execute(
@@ -177,10 +178,14 @@ def _publish_and_watch(settings: Settings, sink: Sink, run_dir: Path, count: int
                 ([str(i) for i in ids],),
             ).fetchall()
         final = {str(r["job_id"]): r for r in rows}
-        sys.stdout.write(
-            f"\r  {len(final)}/{len(ids)} done, {len(read_index(sink.handler.maildir))} mails received"
-        )
-        sys.stdout.flush()
+        progress = f"  {len(final)}/{len(ids)} done, {len(read_index(sink.handler.maildir))} mails received"
+        # One line rewritten in place on a terminal; a line per change in a log.
+        if sys.stdout.isatty():
+            sys.stdout.write(f"\r{progress}")
+            sys.stdout.flush()
+        elif progress != last_progress:
+            print(progress, flush=True)
+        last_progress = progress
         if len(final) == len(ids):
             break
         time.sleep(0.5)
