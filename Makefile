@@ -38,7 +38,10 @@ schemas: install
 	$(PY) -m schemas.export
 
 bench: install services
+	@bash .ci/services --bench-tools
 	$(PY) bench/series.py
+	$(PY) bench/throughput.py
+	$(PY) bench/dkim_sign.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
