@@ -149,6 +149,22 @@ def test_a_bulk_send_waits_for_a_connection_to_stage_on_rather_than_sending_unst
     assert len(sink.handler.received) == 2
 
 
+def test_a_receipt_stages_on_the_last_free_connection_but_waits_for_none(
+    start_sink: Callable[..., Sink], pool: SmtpPool
+) -> None:
+    sink = start_sink()
+    server = server_of(sink, max_connections=2)
+    with (
+        pool.staged("acme", server, message("bulk@example.com", n=1)) as bulk,
+        pool.staged("acme", server, message("r1@example.com", n=2), priority=True) as receipt,
+        pool.staged("acme", server, message("r2@example.com", n=3), priority=True) as later_receipt,
+    ):
+        assert bulk is not None and receipt is not None
+        assert later_receipt is None
+        receipt.deliver()
+    assert [r.rcpt_tos for r in sink.handler.received] == [["r1@example.com"]]
+
+
 def test_a_tenant_with_one_connection_sends_unstaged(start_sink: Callable[..., Sink], pool: SmtpPool) -> None:
     sink = start_sink()
     with pool.staged("acme", server_of(sink, max_connections=1), message("b@example.com")) as staged:

@@ -208,12 +208,12 @@ class Pipeline:
             message = replace(message, data=sign_message(message.data, self._signer(account)))
             metrics.DKIM_SIGN_SECONDS.observe(time.monotonic() - signing_started)
         receipt = job.document.type is DocumentType.RECEIPT
-        # Throttled bulk mail says MAIL FROM and RCPT TO while it waits for its slot, so only
-        # DATA is left once the series opens. Receipts skip this: held connections must not
-        # make them wait.
-        stage = account.pause_ms > 0 and not receipt
+        # Throttled mail says MAIL FROM and RCPT TO while it waits for its slot, so only DATA
+        # is left once the series opens.
         with (
-            self.smtp.staged(account.id, account.smtp, message) if stage else nullcontext() as staged,
+            self.smtp.staged(account.id, account.smtp, message, priority=receipt)
+            if account.pause_ms > 0
+            else nullcontext() as staged,
             self.limiter.slot(
                 account.id,
                 batch_size=account.batch_size,

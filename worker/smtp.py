@@ -133,20 +133,27 @@ class SmtpPool:
         return delivery
 
     @contextmanager
-    def staged(self, tenant_id: str, smtp: Smtp, message: Composed) -> Iterator[Staged | None]:
+    def staged(
+        self, tenant_id: str, smtp: Smtp, message: Composed, *, priority: bool = False
+    ) -> Iterator[Staged | None]:
         """Say MAIL FROM and RCPT TO now, DATA later: ``staged.deliver()`` inside the series slot.
 
-        Waits for a connection that leaves one more free for others (receipts
+        Bulk callers wait for a connection that leaves one more free (receipts
         must not wait behind bulk sends waiting for their slot), as long as
-        :meth:`deliver` would wait for any. Yields ``None`` (send with
-        :meth:`deliver` then) when the tenant has a single connection, none
-        came free in time, or the server did not accept the envelope promptly;
-        an envelope it refused is left to :meth:`deliver`, which classifies the
-        refusal as always. A transaction not delivered when the block ends is
-        reset and its connection reused.
+        :meth:`deliver` would wait for any; a ``priority`` caller (a receipt)
+        takes any connection free right now and waits for none. Yields ``None``
+        (send with :meth:`deliver` then) when the tenant has a single
+        connection, none was free, or the server did not accept the envelope
+        promptly; an envelope it refused is left to :meth:`deliver`, which
+        classifies the refusal as always. A transaction not delivered when the
+        block ends is reset and its connection reused.
         """
         permits = self._tenant_permits(tenant_id, smtp)
-        if permits.limit < 2 or not permits.take(self._timeout_s * 2, leave_free=1):
+        if priority:
+            free = permits.limit >= 2 and permits.take(0.0)
+        else:
+            free = permits.limit >= 2 and permits.take(self._timeout_s * 2, leave_free=1)
+        if not free:
             yield None
             return
         staged = None
