@@ -194,14 +194,26 @@ def test_partial_refusal_and_a_452_continue_as_in_an_unstaged_send(
 
 
 def test_an_envelope_refused_entirely_is_left_to_the_ordinary_send_which_classifies_it(
-    start_sink: Callable[..., Sink], pool: SmtpPool
+    start_sink: Callable[..., Sink], opened: Opened
 ) -> None:
     sink = start_sink(RefuseRecipients, refuse={"nobody@example.com"})
-    with pool.staged("acme", server_of(sink), message("nobody@example.com")) as staged:
-        assert staged is None
-        with pytest.raises(SmtpRejected) as caught:
-            pool.deliver("acme", server_of(sink), message("nobody@example.com"))
-    assert caught.value.reason == "recipients_refused"
+    server = server_of(sink, max_connections=2)
+    pool = SmtpPool(timeout_ms=200, on_connect=opened)
+    try:
+        with pool.staged("acme", server, message("nobody@example.com")) as staged:
+            assert staged is None
+            with pytest.raises(SmtpRejected) as caught:
+                pool.deliver("acme", server, message("nobody@example.com"))
+        assert caught.value.reason == "recipients_refused"
+        # The connection went back exactly once: one bulk send can stage, a second cannot.
+        with (
+            pool.staged("acme", server, message("a@example.com", n=2)) as first,
+            pool.staged("acme", server, message("b@example.com", n=3)) as second,
+        ):
+            assert first is not None
+            assert second is None
+    finally:
+        pool.close()
 
 
 def test_a_server_slow_to_accept_the_envelope_is_not_waited_for(

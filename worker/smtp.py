@@ -196,12 +196,13 @@ class SmtpPool:
             raise
         if not progress.batch:
             # Every recipient refused: deliver() repeats and reports it.
-            self._reset(tenant_id, conn, permits)
+            self._reset(tenant_id, conn)
             return None
         return Staged(self, tenant_id, smtp, conn, message, progress, permits)
 
-    def _reset(self, tenant_id: str, conn: _Connection, permits: _Permits) -> None:
-        """Drop an unfinished transaction; keep the connection if the server agrees."""
+    def _reset(self, tenant_id: str, conn: _Connection) -> None:
+        """Drop an unfinished transaction; keep the connection if the server agrees.
+        The caller gives back its permit."""
         try:
             code, _ = conn.client.rset()
         except (OSError, smtplib.SMTPException):
@@ -212,7 +213,6 @@ class SmtpPool:
                 self._idle.setdefault(tenant_id, []).append(conn)
         else:
             _quit(conn.client)
-        permits.give()
 
     def _put_back(self, tenant_id: str, smtp: Smtp, conn: _Connection, permits: _Permits) -> None:
         conn.sent += 1
@@ -287,7 +287,8 @@ class Staged:
         """Reset the transaction unless it was delivered; the connection goes back to the pool."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            self._pool._reset(self._tenant_id, conn, self._permits)
+            self._pool._reset(self._tenant_id, conn)
+            self._permits.give()
 
 
 def open_connection(smtp: Smtp, *, timeout_s: float) -> _Connection:

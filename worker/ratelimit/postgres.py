@@ -3,13 +3,14 @@
 Acquiring and releasing are one statement each: ``CALL series_acquire(…)``
 and ``SELECT series_release(…)``, defined in
 ``deploy/migrations/0004_series_functions.sql`` and
-``0005_series_client_finish.sql`` on the tables of ``0002_series.sql``. They lock the tenant's ``series_state`` row, reap
-expired leases, apply the series rule (a transcription of
-:mod:`worker.ratelimit.series`, proven equal to it by
+``0005_series_client_finish.sql`` on the tables of ``0002_series.sql``. They
+lock the tenant's ``series_state`` row, reap expired leases, apply the series
+rule (a transcription of :mod:`worker.ratelimit.series`, proven equal to it by
 ``tests/test_ratelimit_equivalence.py``) and write the result back, so the row
 is locked only while the server works, never across a client round trip
-however busy the worker host is. All times come from the database clock,
-never the hosts'.
+however busy the worker host is. All times are on the database clock, never
+the hosts'; a release may bring the holder's upper bound of that clock at the
+SMTP server's last reply (:meth:`~worker.ratelimit.backend.Lease.backend_time_us`).
 """
 
 from __future__ import annotations
