@@ -1,10 +1,12 @@
 """The PostgreSQL functions decide exactly like the Python rule.
 
-``deploy/migrations/0004_series_functions.sql`` transcribes
-:mod:`worker.ratelimit.series`; the in-memory backend runs the Python
-functions. Both get the same random sequences of acquire, release, expiry
-(the clock jumping past ``lease_ms``) and forget-waiter events on one hand-driven
-clock, and must give the same answer to every call and keep the same state.
+``deploy/migrations/0004_series_functions.sql`` and
+``0005_series_client_finish.sql`` transcribe :mod:`worker.ratelimit.series`;
+the in-memory backend runs the Python functions. Both get the same random
+sequences of acquire, release (with and without the holder's bound of the
+finish), expiry (the clock jumping past ``lease_ms``) and forget-waiter events
+on one hand-driven clock, and must give the same answer to every call and keep
+the same state.
 """
 
 from __future__ import annotations
@@ -135,8 +137,13 @@ def test_the_sql_functions_answer_like_the_python_rule(dsn: str, seed: int) -> N
             elif event < 0.95:
                 mine_lease, their_lease = held.pop(rng.randrange(len(held)))
                 unused = rng.choice([0, 0, rng.randint(0, mine_lease.slots)])
-                on_time = memory.release(mine_lease, unused=unused)
-                assert postgres.release(their_lease, unused=unused) == on_time, seed
+                # The holder's bound of the finish: none, earlier than the clock (the usual
+                # case), or later (a slow first answer), by up to a few milliseconds.
+                finished = rng.choice(
+                    [None, clock.us - rng.randint(0, 5_000), clock.us + rng.randint(1, 5_000)]
+                )
+                on_time = memory.release(mine_lease, unused=unused, finished_us=finished)
+                assert postgres.release(their_lease, unused=unused, finished_us=finished) == on_time, seed
             else:
                 waiter = rng.choice(WAITERS)
                 memory.forget_waiter(tenant, waiter)

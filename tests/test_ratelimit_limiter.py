@@ -90,7 +90,7 @@ def test_slots_of_a_block_nobody_uses_are_handed_back() -> None:
 
     local = pool.take(request, lease_ms=60_000, deadline=time.monotonic() + 1)
     assert pool.collect() == []
-    (spent,) = pool.done(local)
+    (spent,) = pool.done(local, replied_us=time.monotonic_ns() // 1000)
     assert (spent.lease, spent.unused) == (lease, 2)
 
 
@@ -109,3 +109,26 @@ def test_an_unreachable_database_is_reported_as_database_unavailable() -> None:
     with pytest.raises(DatabaseUnavailable) as caught, limiter.slot("acme", batch_size=1, pause_ms=100):
         pytest.fail("no slot expected")
     assert caught.value.__cause__ is not None
+
+
+class FinishRecorder(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished: list[int | None] = []
+
+    def release(self, lease: Lease, *, unused: int = 0, finished_us: int | None = None) -> bool:
+        self.finished.append(finished_us)
+        return super().release(lease, unused=unused, finished_us=finished_us)
+
+
+def test_a_send_that_ended_normally_is_dated_by_its_holder_one_that_failed_by_the_backend() -> None:
+    backend = FinishRecorder()
+    limiter = SeriesLimiter(backend, holder_id="test", block_size=1)
+    with limiter.slot("acme", batch_size=5, pause_ms=100):
+        pass
+    replied = backend._clock_us()
+    with pytest.raises(OSError), limiter.slot("acme", batch_size=5, pause_ms=100):
+        raise OSError("connection lost after the final dot")
+    sent, failed = backend.finished
+    assert sent is not None and sent <= replied + 1_000
+    assert failed is None

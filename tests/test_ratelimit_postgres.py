@@ -19,6 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from schemas.tenant import Smtp
 from tests.ratelimit_support import (
     Sender,
     chunks,
@@ -30,7 +31,10 @@ from tests.ratelimit_support import (
     series_database,
     throttled_count,
 )
+from worker.compose import Composed
 from worker.ratelimit import Lease, PostgresBackend, SeriesLimiter, Throttled, Wait
+from worker.sink import Sink
+from worker.smtp import SmtpPool
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -177,3 +181,33 @@ def test_a_held_call_blocks_nobody_and_is_granted_a_pause_after_the_last_finish(
         (granted_at,) = conn.execute("SELECT granted_at FROM series_leases").fetchone() or (None,)
     assert isinstance(last_finish, datetime) and isinstance(granted_at, datetime)
     assert granted_at - last_finish >= timedelta(milliseconds=300)
+
+
+def test_the_recorded_finish_is_never_before_the_servers_acceptance(dsn: str, tmp_path: Path) -> None:
+    sink = Sink(tmp_path / "maildir")
+    smtp = SmtpPool(timeout_ms=5000)
+    server = Smtp(host=sink.host, port=sink.port, security="none")
+    backend = PostgresBackend(dsn)
+    limiter = SeriesLimiter(backend, holder_id="test")
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for n in range(20):
+                # batch_size 1 and a short pause: most grants come from calls the database held.
+                with limiter.slot("acme", batch_size=1, pause_ms=15):
+                    smtp.deliver("acme", server, plain_message(n))
+                row = conn.execute(
+                    "SELECT last_finish_at FROM series_state WHERE tenant_id = 'acme'"
+                ).fetchone()
+                assert row is not None and isinstance(row[0], datetime)
+                assert row[0].timestamp() >= sink.handler.received[-1].arrived_at, n
+        assert len(sink.handler.received) == 20
+    finally:
+        limiter.close()
+        backend.close()
+        smtp.close()
+        sink.stop()
+
+
+def plain_message(n: int) -> Composed:
+    data = f"From: a@acme.example\r\nTo: b@example.com\r\nSubject: {n}\r\n\r\nHallo\r\n".encode()
+    return Composed(data, "a@acme.example", ("b@example.com",), f"<{n}@acme.example>", smtputf8=False)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from worker.ratelimit.series import Granted, Refused, SeriesState, decide, finish, reap
+from worker.ratelimit.series import (
+    DRIFT_PPM,
+    Granted,
+    Refused,
+    SeriesState,
+    clock_bound_us,
+    decide,
+    finish,
+    reap,
+)
 
 MS = 1000
 
@@ -95,6 +104,51 @@ def test_a_send_that_outlived_its_lease_still_pushes_the_finish_forward() -> Non
     state = SeriesState(series_no=2, granted=1, last_finish_us=10 * MS)
     state = finish(state, now_us=90 * MS, lease_series_no=None, slots=2, unused=1)
     assert (state.granted, state.last_finish_us) == (1, 90 * MS)
+
+
+def test_the_holders_bound_of_the_finish_is_used_when_it_is_earlier() -> None:
+    state = finish(
+        SeriesState(series_no=1, granted=1),
+        now_us=80 * MS,
+        lease_series_no=1,
+        slots=1,
+        unused=0,
+        finished_us=74 * MS,
+    )
+    assert state.last_finish_us == 74 * MS
+
+
+def test_the_finish_is_never_later_than_the_backends_clock() -> None:
+    state = finish(
+        SeriesState(series_no=1, granted=1),
+        now_us=80 * MS,
+        lease_series_no=1,
+        slots=1,
+        unused=0,
+        finished_us=85 * MS,
+    )
+    assert state.last_finish_us == 80 * MS
+
+
+def test_an_earlier_bound_does_not_move_the_finish_back() -> None:
+    state = SeriesState(series_no=1, granted=2, last_finish_us=78 * MS)
+    state = finish(state, now_us=80 * MS, lease_series_no=1, slots=1, unused=0, finished_us=74 * MS)
+    assert state.last_finish_us == 78 * MS
+
+
+@pytest.mark.parametrize("drift_ppm", [-DRIFT_PPM, 0, DRIFT_PPM])
+def test_the_clock_bound_is_never_below_the_backends_clock(drift_ppm: int) -> None:
+    # The backend clock runs at (1 + drift) times the local one; the request took 3 ms to arrive.
+    offset_us, asked_us = 5_000_000, 1_000_000
+
+    def backend_at(local_us: int) -> float:
+        return offset_us + asked_us + (local_us - asked_us) * (1 + drift_ppm / 1e6)
+
+    clock_read = int(backend_at(asked_us + 3_000))
+    for later_us in (asked_us + 3_000, asked_us + 40_000, asked_us + 45_000_000):
+        bound = clock_bound_us(asked_us, clock_read, later_us)
+        assert bound >= backend_at(later_us)
+        assert bound - backend_at(later_us) <= 3_000 + (later_us - asked_us) * 2 * DRIFT_PPM / 1e6 + 1
 
 
 def test_a_smaller_batch_size_from_the_settings_page_applies_at_once() -> None:

@@ -89,6 +89,19 @@ def faulty_sink(tmp_path: Path) -> Iterator[Callable[..., Sink]]:
         gc.collect()
 
 
+@pytest.fixture(params=["unthrottled", "throttled"])
+def make_tenant(request: pytest.FixtureRequest, make_tenant: Callable[..., str]) -> Callable[..., str]:
+    """Every fault once for an unthrottled tenant (the whole transaction at once) and once for
+    a throttled one (MAIL FROM and RCPT TO said while waiting for the series slot, DATA in it)."""
+
+    def make(**fields: Any) -> str:
+        if request.param == "throttled":
+            fields.setdefault("series", {"batch_size": 1000, "pause_ms": 1})
+        return make_tenant(**fields)
+
+    return make
+
+
 def tenant_on(make_tenant: Any, sink: Sink, **smtp: Any) -> str:
     tenant: str = make_tenant(
         smtp={"host": sink.host, "port": sink.port, "security": "none", "helo": "test.postbote", **smtp}

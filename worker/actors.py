@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 from uuid import UUID
@@ -206,13 +207,21 @@ class Pipeline:
             signing_started = time.monotonic()
             message = replace(message, data=sign_message(message.data, self._signer(account)))
             metrics.DKIM_SIGN_SECONDS.observe(time.monotonic() - signing_started)
-        with self.limiter.slot(
-            account.id,
-            batch_size=account.batch_size,
-            pause_ms=account.pause_ms,
-            priority=job.document.type is DocumentType.RECEIPT,
-            max_wait_ms=self.settings.series_max_wait_ms,
-        ) as slot:
+        receipt = job.document.type is DocumentType.RECEIPT
+        # Throttled mail says MAIL FROM and RCPT TO while it waits for its slot, so only DATA
+        # is left once the series opens.
+        with (
+            self.smtp.staged(account.id, account.smtp, message, priority=receipt)
+            if account.pause_ms > 0
+            else nullcontext() as staged,
+            self.limiter.slot(
+                account.id,
+                batch_size=account.batch_size,
+                pause_ms=account.pause_ms,
+                priority=receipt,
+                max_wait_ms=self.settings.series_max_wait_ms,
+            ) as slot,
+        ):
             metrics.RATELIMIT_WAIT_SECONDS.labels(job.tenant).observe(slot.waited_ms / 1000)
             if time.monotonic() - claimed_at > claim_ms / 2000:
                 # A long series wait must not outlive the claim; a short one leaves it ample time.
@@ -222,7 +231,10 @@ class Pipeline:
                             f"job {job.job_id} was taken over before sending", retry_in_ms=claim_ms
                         )
             sent_at = time.monotonic()
-            delivery = self.smtp.deliver(account.id, account.smtp, message)
+            if staged is not None:
+                delivery = staged.deliver()
+            else:
+                delivery = self.smtp.deliver(account.id, account.smtp, message)
             metrics.SMTP_SEND_SECONDS.labels(job.tenant).observe(time.monotonic() - sent_at)
         outcome = {
             "sender": message.mail_from,

@@ -21,6 +21,7 @@ from schemas.tenant import Smtp
 from worker.compose import Composed
 from worker.errors import (
     ConfigurationError,
+    PostboteError,
     SmtpConnectionError,
     SmtpRejected,
     SmtpTemporaryFailure,
@@ -30,6 +31,9 @@ from worker.oauth import read_token, xoauth2_response
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s*")
 _IDLE_CLOSE_S = 30.0
+# A server slower than this to accept an envelope ahead of the series slot is
+# not worth holding a connection for: the send then goes the ordinary way.
+_STAGE_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,33 @@ class _Connection:
     auth_method: str | None = None
 
 
+class _Permits:
+    """How many connections of one tenant are in use in this process, at most ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._in_use = 0
+        self._cond = threading.Condition()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def take(self, timeout_s: float, *, leave_free: int = 0) -> bool:
+        """Take one, waiting up to ``timeout_s`` until ``leave_free`` more stay free besides."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._in_use + 1 + leave_free <= self._limit, timeout_s):
+                return False
+            self._in_use += 1
+            return True
+
+    def give(self) -> None:
+        with self._cond:
+            self._in_use -= 1
+            # Waiters differ in how many must stay free: wake them all.
+            self._cond.notify_all()
+
+
 class SmtpPool:
     """Reusable SMTP connections, a small pool per tenant in this worker process.
 
@@ -82,12 +113,60 @@ class SmtpPool:
         self._on_connect = on_connect
         self._lock = threading.Lock()
         self._idle: dict[str, list[_Connection]] = {}
-        self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self._permits: dict[str, _Permits] = {}
 
     def deliver(self, tenant_id: str, smtp: Smtp, message: Composed) -> Delivery:
         """Send one message to its envelope recipients; raises a classified ``PostboteError``."""
-        with self._connection(tenant_id, smtp) as conn:
-            return _transact(conn, message)
+        permits = self._tenant_permits(tenant_id, smtp)
+        if not permits.take(self._timeout_s * 2):
+            raise SmtpConnectionError(f"no free SMTP connection for tenant {tenant_id!r}")
+        conn = None
+        try:
+            conn = self._take_idle(tenant_id) or self._open(tenant_id, smtp)
+            delivery = _transact(conn, message)
+        except BaseException:
+            if conn is not None:
+                _quit(conn.client)
+            permits.give()
+            raise
+        self._put_back(tenant_id, smtp, conn, permits)
+        return delivery
+
+    @contextmanager
+    def staged(
+        self, tenant_id: str, smtp: Smtp, message: Composed, *, priority: bool = False
+    ) -> Iterator[Staged | None]:
+        """Say MAIL FROM and RCPT TO now, DATA later: ``staged.deliver()`` inside the series slot.
+
+        Bulk callers wait for a connection that leaves one more free (receipts
+        must not wait behind bulk sends waiting for their slot), as long as
+        :meth:`deliver` would wait for any; a ``priority`` caller (a receipt)
+        takes any connection free right now and waits for none. Yields ``None``
+        (send with :meth:`deliver` then) when the tenant has a single
+        connection, none was free, or the server did not accept the envelope
+        promptly; an envelope it refused is left to :meth:`deliver`, which
+        classifies the refusal as always. A transaction not delivered when the
+        block ends is reset and its connection reused.
+        """
+        permits = self._tenant_permits(tenant_id, smtp)
+        if priority:
+            free = permits.limit >= 2 and permits.take(0.0)
+        else:
+            free = permits.limit >= 2 and permits.take(self._timeout_s * 2, leave_free=1)
+        if not free:
+            yield None
+            return
+        staged = None
+        try:
+            staged = self._stage(tenant_id, smtp, message, permits)
+        finally:
+            if staged is None:
+                permits.give()
+        try:
+            yield staged
+        finally:
+            if staged is not None:
+                staged.abandon()
 
     def close(self) -> None:
         with self._lock:
@@ -96,28 +175,58 @@ class SmtpPool:
             for conn in conns:
                 _quit(conn.client)
 
-    @contextmanager
-    def _connection(self, tenant_id: str, smtp: Smtp) -> Iterator[_Connection]:
-        with self._lock:
-            slots = self._slots.setdefault(tenant_id, threading.BoundedSemaphore(smtp.max_connections))
-        if not slots.acquire(timeout=self._timeout_s * 2):
-            raise SmtpConnectionError(f"no free SMTP connection for tenant {tenant_id!r}")
-        try:
-            conn = self._take_idle(tenant_id) or self._open(tenant_id, smtp)
+    def _stage(self, tenant_id: str, smtp: Smtp, message: Composed, permits: _Permits) -> Staged | None:
+        conn = self._take_idle(tenant_id)
+        if conn is None:
             try:
-                yield conn
-            except BaseException:
-                _quit(conn.client)
-                raise
-            conn.sent += 1
+                conn = self._open(tenant_id, smtp)
+            except PostboteError:
+                return None  # deliver() tries again and reports the failure
+        progress = _Progress(list(message.recipients))
+        try:
+            _set_timeout(conn.client, min(self._timeout_s, _STAGE_TIMEOUT_S))
+            _envelope(conn.client, message, progress)
+            _set_timeout(conn.client, self._timeout_s)
+        except (OSError, smtplib.SMTPException, SmtpTemporaryFailure, SmtpRejected):
+            # deliver() tries again on another connection and classifies what it gets.
+            _quit(conn.client)
+            return None
+        except BaseException:
+            _quit(conn.client)
+            raise
+        if not progress.batch:
+            # Every recipient refused: deliver() repeats and reports it.
+            self._reset(tenant_id, conn)
+            return None
+        return Staged(self, tenant_id, smtp, conn, message, progress, permits)
+
+    def _reset(self, tenant_id: str, conn: _Connection) -> None:
+        """Drop an unfinished transaction; keep the connection if the server agrees.
+        The caller gives back its permit."""
+        try:
+            code, _ = conn.client.rset()
+        except (OSError, smtplib.SMTPException):
+            code = 0
+        if code == 250:
             conn.last_used = time.monotonic()
-            if conn.sent >= smtp.max_messages_per_connection:
-                _quit(conn.client)
-            else:
-                with self._lock:
-                    self._idle.setdefault(tenant_id, []).append(conn)
-        finally:
-            slots.release()
+            with self._lock:
+                self._idle.setdefault(tenant_id, []).append(conn)
+        else:
+            _quit(conn.client)
+
+    def _put_back(self, tenant_id: str, smtp: Smtp, conn: _Connection, permits: _Permits) -> None:
+        conn.sent += 1
+        conn.last_used = time.monotonic()
+        if conn.sent >= smtp.max_messages_per_connection:
+            _quit(conn.client)
+        else:
+            with self._lock:
+                self._idle.setdefault(tenant_id, []).append(conn)
+        permits.give()
+
+    def _tenant_permits(self, tenant_id: str, smtp: Smtp) -> _Permits:
+        with self._lock:
+            return self._permits.setdefault(tenant_id, _Permits(smtp.max_connections))
 
     def _take_idle(self, tenant_id: str) -> _Connection | None:
         now = time.monotonic()
@@ -136,6 +245,50 @@ class SmtpPool:
         if self._on_connect is not None:
             self._on_connect(tenant_id)
         return conn
+
+
+class Staged:
+    """A transaction whose envelope the server accepted, on a connection held for it."""
+
+    def __init__(
+        self,
+        pool: SmtpPool,
+        tenant_id: str,
+        smtp: Smtp,
+        conn: _Connection,
+        message: Composed,
+        progress: _Progress,
+        permits: _Permits,
+    ) -> None:
+        self._pool = pool
+        self._tenant_id = tenant_id
+        self._smtp = smtp
+        self._conn: _Connection | None = conn
+        self._message = message
+        self._progress = progress
+        self._permits = permits
+
+    def deliver(self) -> Delivery:
+        """DATA, and any transactions a 452 left; raises a classified ``PostboteError`` like
+        :meth:`SmtpPool.deliver`."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise RuntimeError("a staged transaction is delivered once")
+        try:
+            delivery = _transact(conn, self._message, self._progress)
+        except BaseException:
+            _quit(conn.client)
+            self._permits.give()
+            raise
+        self._pool._put_back(self._tenant_id, self._smtp, conn, self._permits)
+        return delivery
+
+    def abandon(self) -> None:
+        """Reset the transaction unless it was delivered; the connection goes back to the pool."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool._reset(self._tenant_id, conn)
+            self._permits.give()
 
 
 def open_connection(smtp: Smtp, *, timeout_s: float) -> _Connection:
@@ -324,9 +477,20 @@ def _password(smtp: Smtp) -> str:
     raise ConfigurationError("SMTP user is set but neither password nor password_file")
 
 
-def _transact(conn: _Connection, message: Composed) -> Delivery:
-    """MAIL, RCPT, DATA; a 452 for too many recipients continues in a further transaction."""
-    client = conn.client
+@dataclass
+class _Progress:
+    """Where a send stands: recipients not yet tried, the current transaction's, the done ones."""
+
+    pending: list[str]
+    batch: list[str] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)
+    refused: dict[str, SmtpReply] = field(default_factory=dict)
+    reply: SmtpReply | None = None
+    stage: str = "MAIL FROM"
+
+
+def _envelope(client: smtplib.SMTP, message: Composed, progress: _Progress) -> None:
+    """MAIL FROM and RCPT TO for the next transaction, up to a 452 for too many recipients."""
     options = ["SMTPUTF8"] if message.smtputf8 else []
     if message.smtputf8 and not client.has_extn("smtputf8"):
         raise SmtpRejected(
@@ -335,49 +499,55 @@ def _transact(conn: _Connection, message: Composed) -> Delivery:
         )
     if "size" in client.esmtp_features:
         options.append(f"SIZE={len(message.data)}")
-    pending = list(message.recipients)
-    accepted: list[str] = []
-    refused: dict[str, SmtpReply] = {}
-    reply: SmtpReply | None = None
-    batch: list[str] = []
-    stage = "MAIL FROM"
+    if progress.accepted or progress.refused:
+        client.rset()
+    progress.stage = "MAIL FROM"
+    _expect(client.mail(message.mail_from, options), progress.stage, client)
+    progress.batch = []
+    progress.stage = "RCPT TO"
+    while progress.pending:
+        rcpt = progress.pending[0]
+        answer = SmtpReply.parse(*client.rcpt(rcpt))
+        if answer.code == 452 and progress.batch:
+            break
+        progress.pending.pop(0)
+        if answer.code in (250, 251):
+            progress.batch.append(rcpt)
+        elif answer.code == 421:
+            raise _classify(answer, progress.stage)
+        else:
+            progress.refused[rcpt] = answer
+
+
+def _transact(conn: _Connection, message: Composed, progress: _Progress | None = None) -> Delivery:
+    """MAIL, RCPT, DATA; a 452 for too many recipients continues in a further transaction.
+
+    ``progress`` is a send whose first envelope was already accepted (:meth:`SmtpPool.staged`).
+    """
+    client = conn.client
+    p = progress or _Progress(list(message.recipients))
     try:
-        while pending:
-            if accepted or refused:
-                client.rset()
-            stage = "MAIL FROM"
-            _expect(client.mail(message.mail_from, options), stage, client)
-            batch = []
-            stage = "RCPT TO"
-            while pending:
-                rcpt = pending[0]
-                answer = SmtpReply.parse(*client.rcpt(rcpt))
-                if answer.code == 452 and batch:
-                    break
-                pending.pop(0)
-                if answer.code in (250, 251):
-                    batch.append(rcpt)
-                elif answer.code == 421:
-                    raise _classify(answer, stage)
-                else:
-                    refused[rcpt] = answer
-            if not batch:
-                continue
-            stage = "DATA"
+        while p.pending or p.batch:
+            if not p.batch:
+                _envelope(client, message, p)
+                if not p.batch:
+                    continue
+            p.stage = "DATA"
             code, text = _send_data(client, message.data)
-            reply = _expect((code, text), stage, client)
-            accepted.extend(batch)
-            batch = []
+            p.reply = _expect((code, text), p.stage, client)
+            p.accepted.extend(p.batch)
+            p.batch = []
     except (OSError, smtplib.SMTPException, SmtpTemporaryFailure, SmtpRejected) as e:
-        error = _translate(e, stage)
-        if not accepted:
+        error = _translate(e, p.stage)
+        if not p.accepted:
             raise error from e
         # An earlier transaction (after a 452) went through: resending would duplicate it,
         # so the recipients not reached are recorded as refused instead.
         lost = SmtpReply(0, None, str(error))
-        refused.update({rcpt: lost for rcpt in [*batch, *pending]})
-        assert reply is not None
-    if reply is None:
+        p.refused.update({rcpt: lost for rcpt in [*p.batch, *p.pending]})
+        assert p.reply is not None
+    refused = p.refused
+    if p.reply is None:
         transient = [r for r in refused.values() if r.code < 500]
         worst = transient[0] if transient else next(iter(refused.values()))
         summary = "; ".join(f"{a}: {r}" for a, r in refused.items())
@@ -386,7 +556,13 @@ def _transact(conn: _Connection, message: Composed) -> Delivery:
         raise SmtpRejected(
             f"every recipient refused: {summary}", reason="recipients_refused", smtp_reply=str(worst)
         )
-    return Delivery(tuple(accepted), refused, reply, conn.tls_version, conn.auth_method)
+    return Delivery(tuple(p.accepted), refused, p.reply, conn.tls_version, conn.auth_method)
+
+
+def _set_timeout(client: smtplib.SMTP, timeout_s: float) -> None:
+    client.timeout = timeout_s
+    if client.sock is not None:
+        client.sock.settimeout(timeout_s)
 
 
 def _translate(error: BaseException, stage: str) -> SmtpTemporaryFailure | SmtpRejected | SmtpConnectionError:
@@ -421,4 +597,4 @@ def _quit(client: smtplib.SMTP) -> None:
         client.close()
 
 
-__all__ = ["Delivery", "SmtpPool", "SmtpReply", "open_connection"]
+__all__ = ["Delivery", "SmtpPool", "SmtpReply", "Staged", "open_connection"]

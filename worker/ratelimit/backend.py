@@ -5,6 +5,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
+from .series import clock_bound_us
+
 
 @dataclass(frozen=True, slots=True)
 class Lease:
@@ -17,6 +19,10 @@ class Lease:
       slots: how many mails may be sent under this lease.
       next_ask_in_ms: when positive, this grant filled the series for bulk
         callers: asking again sooner would be refused.
+      asked_us: this host's ``time.monotonic_ns() // 1000`` just before a
+        request was sent (this one's or an earlier one's) ...
+      clock_us: ... and the backend's clock read after that request arrived;
+        both ``None`` when the backend does not say.
     """
 
     lease_id: int
@@ -24,6 +30,20 @@ class Lease:
     series_no: int
     slots: int
     next_ask_in_ms: int = 0
+    asked_us: int | None = None
+    clock_us: int | None = None
+
+    def backend_time_us(self, local_us: int) -> int | None:
+        """An upper bound of the backend's clock at this host's monotonic time ``local_us``.
+
+        ``clock_us - asked_us`` is at least the offset between the clocks
+        (the backend read its clock after ``asked_us``); the time elapsed since
+        is added with the most two clocks can drift apart. ``None`` when the
+        backend gave no clock reading.
+        """
+        if self.asked_us is None or self.clock_us is None:
+            return None
+        return clock_bound_us(self.asked_us, self.clock_us, local_us)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +90,14 @@ class SeriesBackend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def release(self, lease: Lease, *, unused: int = 0) -> bool:
-        """Finish ``lease`` now (after the SMTP server accepted its last mail).
+    def release(self, lease: Lease, *, unused: int = 0, finished_us: int | None = None) -> bool:
+        """Finish ``lease`` (called after the SMTP server accepted its last mail).
 
-        ``unused`` slots were never used and go back to the series. Returns
-        ``False`` when the lease had already expired (a send outlived it).
+        ``unused`` slots were never used and go back to the series.
+        ``finished_us`` is an upper bound of the backend's clock when the
+        holder saw the server's last reply (:meth:`Lease.backend_time_us`); the
+        lease finishes at the earlier of it and the backend's clock now.
+        Returns ``False`` when the lease had already expired (a send outlived it).
         """
 
     @abc.abstractmethod

@@ -104,7 +104,10 @@ class SeriesLimiter:
 
         Sleeps (never polls the backend faster than it asks) until a slot is
         granted. The slot is finished on exit whether or not the send
-        succeeded: a failed send may still have reached the server.
+        succeeded: a failed send may still have reached the server. Leave the
+        block as soon as the server's final reply is in: a normal exit dates
+        the finish (the series' pause starts then); an exception leaves the
+        date to the backend's clock at the release.
 
         Parameters:
           batch_size: mails per series (at least 1).
@@ -145,13 +148,18 @@ class SeriesLimiter:
             local = pool.take(request, lease_ms=self.lease_ms, deadline=deadline)
             self._release(pool.collect())
         waited_ms = int((time.monotonic() - started) * 1000)
+        # A send that raised may have reached the server at a time nobody saw:
+        # only a block left normally, after the server's reply, dates its finish.
+        replied_us: int | None = None
         try:
             yield Slot(tenant_id, local.lease.series_no, waited_ms, priority)
+            replied_us = time.monotonic_ns() // 1000
         finally:
             if pool is None:
+                local.note_reply(replied_us)
                 self._release([local])
             else:
-                self._release(pool.done(local))
+                self._release(pool.done(local, replied_us=replied_us))
 
     def close(self) -> None:
         """Hand back every leased slot not in use; the backend stays open."""
@@ -196,7 +204,9 @@ class SeriesLimiter:
     def _release(self, spent: list[LocalLease]) -> None:
         for local in spent:
             try:
-                in_time = self.backend.release(local.lease, unused=local.unused)
+                in_time = self.backend.release(
+                    local.lease, unused=local.unused, finished_us=local.finished_us()
+                )
             except DatabaseUnavailable:
                 # The mail is out; failing the send now would resend it. The
                 # lease expires and then counts as finished, which is later.

@@ -6,7 +6,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .backend import Lease, SeriesBackend, Wait
 from .series import US_PER_MS, WAITER_GRACE_MS, Granted, Refused, SeriesState, ceil_ms, decide, finish, reap
@@ -54,13 +54,15 @@ class MemoryBackend(SeriesBackend):
     ) -> Lease | Wait:
         if priority and waiter_id is None:
             raise ValueError("a priority caller needs a waiter_id")
-        hold_until = self._clock_us() + max(hold_ms, 0) * US_PER_MS
+        asked_us = time.monotonic_ns() // 1000
+        called_us = self._clock_us()
+        hold_until = called_us + max(hold_ms, 0) * US_PER_MS
         while True:
             outcome, now = self._try_acquire(
                 tenant_id, holder_id, want, batch_size, pause_ms, lease_ms, priority, waiter_id
             )
             if isinstance(outcome, Lease):
-                return outcome
+                return replace(outcome, asked_us=asked_us, clock_us=called_us)
             if outcome.retry_at_us > hold_until or outcome.retry_at_us <= now:
                 return Wait(ceil_ms(outcome.retry_at_us - now), outcome.state.series_no)
             # Outside the lock, like series_acquire's sleep after its commit.
@@ -111,7 +113,7 @@ class MemoryBackend(SeriesBackend):
                 tenant.waiters[waiter_id] = outcome.retry_at_us + WAITER_GRACE_MS * US_PER_MS
             return outcome, now
 
-    def release(self, lease: Lease, *, unused: int = 0) -> bool:
+    def release(self, lease: Lease, *, unused: int = 0, finished_us: int | None = None) -> bool:
         with self._lock:
             tenant = self._tenants[lease.tenant_id]
             held = tenant.leases.pop(lease.lease_id, None)
@@ -121,6 +123,7 @@ class MemoryBackend(SeriesBackend):
                 lease_series_no=None if held is None else held[0],
                 slots=lease.slots,
                 unused=unused,
+                finished_us=finished_us,
             )
             return held is not None
 

@@ -25,12 +25,33 @@ from .errors import Throttled
 
 @dataclass(eq=False, slots=True)
 class LocalLease:
-    """A lease as seen by this process: how many slots are taken and in use."""
+    """A lease as seen by this process: how many slots are taken and in use.
+
+    ``replied_us`` is the latest ``time.monotonic_ns() // 1000`` at which a
+    send under it had its server's final reply (0: none yet). ``failed`` is
+    set once a send failed: it may have reached the server at a time nobody
+    saw, so the backend finishes the lease on its own clock.
+    """
 
     lease: Lease
     usable_until: float  # time.monotonic()
     taken: int = 0
     in_use: int = 0
+    replied_us: int = 0
+    failed: bool = False
+
+    def note_reply(self, replied_us: int | None) -> None:
+        """A send under this lease ended: its final reply was seen at ``replied_us``, or it failed."""
+        if replied_us is None:
+            self.failed = True
+        else:
+            self.replied_us = max(self.replied_us, replied_us)
+
+    def finished_us(self) -> int | None:
+        """An upper bound of the backend's clock at the last reply, when one is known."""
+        if self.failed or self.replied_us == 0:
+            return None
+        return self.lease.backend_time_us(self.replied_us)
 
     @property
     def unused(self) -> int:
@@ -110,10 +131,12 @@ class TenantPool:
             # its last finish, which is after now: don't poll before that.
             self._not_before = asked + outcome.next_ask_in_ms / 1000
 
-    def done(self, local: LocalLease) -> list[LocalLease]:
-        """A slot of ``local`` is finished; returns the leases to release now."""
+    def done(self, local: LocalLease, *, replied_us: int | None) -> list[LocalLease]:
+        """A slot of ``local`` is finished, its reply seen at ``replied_us`` (``None``: the send
+        failed); returns the leases to release now."""
         with self._cond:
             local.in_use -= 1
+            local.note_reply(replied_us)
         return self.collect()
 
     def collect(self, *, everything: bool = False) -> list[LocalLease]:

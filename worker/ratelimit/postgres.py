@@ -2,19 +2,21 @@
 
 Acquiring and releasing are one statement each: ``CALL series_acquire(…)``
 and ``SELECT series_release(…)``, defined in
-``deploy/migrations/0004_series_functions.sql`` on the tables of
-``0002_series.sql``. They lock the tenant's ``series_state`` row, reap
-expired leases, apply the series rule (a transcription of
-:mod:`worker.ratelimit.series`, proven equal to it by
+``deploy/migrations/0004_series_functions.sql`` and
+``0005_series_client_finish.sql`` on the tables of ``0002_series.sql``. They
+lock the tenant's ``series_state`` row, reap expired leases, apply the series
+rule (a transcription of :mod:`worker.ratelimit.series`, proven equal to it by
 ``tests/test_ratelimit_equivalence.py``) and write the result back, so the row
 is locked only while the server works, never across a client round trip
-however busy the worker host is. All times come from the database clock,
-never the hosts'.
+however busy the worker host is. All times are on the database clock, never
+the hosts'; a release may bring the holder's upper bound of that clock at the
+SMTP server's last reply (:meth:`~worker.ratelimit.backend.Lease.backend_time_us`).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -24,16 +26,16 @@ import psycopg
 from worker.errors import DatabaseUnavailable
 
 from .backend import Lease, SeriesBackend, Wait
-from .series import check_limits
+from .series import check_limits, clock_bound_us
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 
 _ACQUIRE = """
 CALL series_acquire(%(tenant)s, %(holder)s, %(want)s, %(batch_size)s, %(pause_ms)s, %(lease_ms)s,
-                    %(priority)s, %(waiter)s, %(hold_ms)s, %(at)s, NULL, NULL, NULL, NULL, NULL)
+                    %(priority)s, %(waiter)s, %(hold_ms)s, %(at)s, NULL, NULL, NULL, NULL, NULL, NULL)
 """
-_RELEASE = "SELECT series_release(%(tenant)s, %(lease_id)s, %(slots)s, %(unused)s, %(at)s)"
+_RELEASE = "SELECT series_release(%(tenant)s, %(lease_id)s, %(slots)s, %(unused)s, %(at)s, %(finished)s::timestamptz)"
 _FORGET_WAITER = "DELETE FROM series_priority_waiters WHERE tenant_id = %(tenant)s AND waiter_id = %(waiter)s"
 # Limiter state is short-lived: waiting for the WAL flush would make every call
 # as slow as an fsync. A database crash may lose the last milliseconds of
@@ -72,6 +74,7 @@ class PostgresBackend(SeriesBackend):
         self._clock_us = clock_us
         self._idle: list[psycopg.Connection[Row]] = []
         self._lock = threading.Lock()
+        self._best_anchor: tuple[int, int] | None = None
 
     def acquire(
         self,
@@ -104,12 +107,31 @@ class PostgresBackend(SeriesBackend):
             "at": self._at(),
         }
         with self._session() as cur:
-            lease_id, series_no, slots, next_ask_ms, retry_in_ms = _one(cur, _ACQUIRE, args)
+            asked_us = time.monotonic_ns() // 1000
+            lease_id, series_no, slots, next_ask_ms, retry_in_ms, called_at = _one(cur, _ACQUIRE, args)
+        anchor = self._anchor(asked_us, _us(called_at))
         if lease_id is None:
             return Wait(_int(retry_in_ms), _int(series_no))
-        return Lease(_int(lease_id), tenant_id, _int(series_no), _int(slots), _int(next_ask_ms))
+        return Lease(
+            _int(lease_id),
+            tenant_id,
+            _int(series_no),
+            _int(slots),
+            _int(next_ask_ms),
+            asked_us=anchor[0],
+            clock_us=anchor[1],
+        )
 
-    def release(self, lease: Lease, *, unused: int = 0) -> bool:
+    def _anchor(self, asked_us: int, clock_us: int) -> tuple[int, int]:
+        """The pair (local time, database clock read after it) that bounds the database clock
+        tightest from now on: this call's, or an earlier one that came back quicker."""
+        with self._lock:
+            best = self._best_anchor
+            if best is None or clock_bound_us(*best, asked_us) >= clock_us:
+                best = self._best_anchor = (asked_us, clock_us)
+            return best
+
+    def release(self, lease: Lease, *, unused: int = 0, finished_us: int | None = None) -> bool:
         if not 0 <= unused <= lease.slots:
             raise ValueError(f"unused must be between 0 and {lease.slots}, got {unused}")
         args = {
@@ -118,6 +140,7 @@ class PostgresBackend(SeriesBackend):
             "slots": lease.slots,
             "unused": unused,
             "at": self._at(),
+            "finished": None if finished_us is None else _EPOCH + finished_us * _US,
         }
         with self._session() as cur:
             (in_time,) = _one(cur, _RELEASE, args)
@@ -175,6 +198,11 @@ def _one(cur: psycopg.ClientCursor[Row], sql: str, args: dict[str, object]) -> R
     row = cur.fetchone()
     assert row is not None
     return row
+
+
+def _us(at: object) -> int:
+    assert isinstance(at, datetime)
+    return (at - _EPOCH) // _US
 
 
 def _int(value: object) -> int:

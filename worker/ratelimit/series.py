@@ -12,9 +12,10 @@ and state; change both together.
 The rule (settings "Serienmail Anzahl pro Serie" = ``batch_size``,
 "Serienmail Pause" = ``pause_ms``): a *series* is numbered; slots are granted
 into the current series while ``granted < batch_size``; each grant is a
-*lease* that is *finished* with the backend's clock after the SMTP server
-accepted the last mail sent under it, or *expires* ``lease_ms`` after it was
-granted and then counts as finished at its expiry time. The next series may
+*lease* that is *finished* at a time on the backend's clock no earlier than
+the SMTP server's acceptance of the last mail sent under it, or *expires*
+``lease_ms`` after it was granted and then counts as finished at its expiry
+time. The next series may
 open when no lease of the current one is live and the backend's clock is at
 least ``last_finish + pause_ms``.
 
@@ -23,7 +24,20 @@ arrival times, split wherever the gap is ``>= pause_ms``, no chunk holds more
 than ``batch_size`` mails):
 
 * A mail's arrival lies between its grant (taken before it was sent) and its
-  lease's finish (taken after the server accepted it), both on one clock.
+  lease's finish (no earlier than the server's acceptance), both on one clock.
+* The finish is the earlier of two times, each no earlier than the last
+  acceptance, so it is no earlier either: the backend's clock when the
+  release arrives (read after the holder saw the server's final reply), and
+  the holder's estimate of the backend's clock at the moment it saw that
+  reply (``finished_us``, see :meth:`~worker.ratelimit.backend.Lease.backend_time_us`).
+  The estimate is an upper bound: the holder noted its monotonic time ``S``
+  before asking for the lease, the backend read its clock ``C`` after the
+  question arrived, so ``C - S`` is at least the true offset between the
+  clocks at ``S``; adding the local time elapsed since ``S`` plus the most
+  the two clocks can drift apart (``DRIFT_PPM``) bounds the backend's clock
+  at the reply from above. The estimate spares the pause the reply's and
+  the release's way to the backend, and is never later than the backend's
+  own reading.
 * So every arrival of series *n+1* is at least ``pause_ms`` after every
   arrival of series *n* and before: a series boundary is always a chunk
   boundary, every chunk lies inside one series, and a series holds at most
@@ -55,6 +69,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 US_PER_MS = 1000
+
+# How fast two NTP-disciplined clocks may drift apart (each slews at most 500 ppm).
+DRIFT_PPM = 1000
 
 # A refused priority waiter keeps its room this long past the retry time it
 # was given, so a waiter that died stops holding room back soon.
@@ -164,12 +181,16 @@ def finish(
     lease_series_no: int | None,
     slots: int,
     unused: int,
+    finished_us: int | None = None,
 ) -> SeriesState:
     """Finish a lease of ``slots`` slots, ``unused`` of them handed back.
 
     ``lease_series_no`` is ``None`` when the lease had already expired and was
     reaped: its unused slots stay counted, but a send that outlived its lease
     still pushes ``last_finish`` forward.
+
+    ``finished_us`` is the holder's upper bound of the backend's clock at the
+    server's last acceptance; the finish is the earlier of it and ``now_us``.
     """
     if not 0 <= unused <= slots:
         raise ValueError(f"unused must be between 0 and {slots}, got {unused}")
@@ -177,8 +198,21 @@ def finish(
     granted = state.granted - unused if current else state.granted
     last_finish = state.last_finish_us
     if unused < slots and (current or lease_series_no is None):
-        last_finish = _latest(last_finish, now_us)
+        end = now_us if finished_us is None else min(now_us, finished_us)
+        last_finish = _latest(last_finish, end)
     return replace(state, granted=max(granted, 0), last_finish_us=last_finish)
+
+
+def clock_bound_us(asked_us: int, clock_us: int, local_us: int) -> int:
+    """An upper bound of the backend's clock at this host's monotonic time ``local_us``.
+
+    ``clock_us`` is a reading of the backend's clock taken after this host's
+    monotonic clock read ``asked_us``, so ``clock_us - asked_us`` is at least
+    the offset between the clocks then; the local time elapsed since is added
+    with the most the clocks can drift apart in it.
+    """
+    elapsed = max(local_us - asked_us, 0)
+    return clock_us + elapsed + -(-elapsed * DRIFT_PPM // 1_000_000)
 
 
 def ceil_ms(us: int) -> int:
@@ -191,6 +225,7 @@ def _latest(a: int | None, b: int) -> int:
 
 
 __all__ = [
+    "DRIFT_PPM",
     "US_PER_MS",
     "WAITER_GRACE_MS",
     "Granted",
@@ -198,6 +233,7 @@ __all__ = [
     "SeriesState",
     "ceil_ms",
     "check_limits",
+    "clock_bound_us",
     "decide",
     "finish",
     "reap",
