@@ -113,6 +113,7 @@ def test_the_dead_gauge_counts_the_dead_letter_store(
             return (count, age) if count >= row["n"] and age is not None else None
 
         count, age = wait_for(dead_reading, timeout=20, what="dead-letter gauge")
-        assert row["age"] <= age <= row["age"] + 20
+        # The gauge read the age at its last refresh, a moment before or after this query.
+        assert row["age"] - 5 <= age <= row["age"] + 20
     finally:
         running.stop()
