@@ -135,7 +135,7 @@ def series_database() -> Iterator[str]:
     try:
         admin = psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as e:
-        pytest.skip(f"PostgreSQL not reachable: {e}")
+        pytest.fail(f"PostgreSQL not reachable at {ADMIN_DSN}: {e}; `make test` starts it")
     with admin:
         admin.execute(f'CREATE DATABASE "{database}"')
         url = ADMIN_DSN.rsplit("/", 1)[0] + "/" + database
