@@ -125,7 +125,7 @@ def throttled_count(directory: Path, tenant_id: str) -> int:
 
 ADMIN_DSN = os.environ.get("POSTBOTE_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "migrations"
-SERIES_MIGRATIONS = ("0002_series.sql", "0004_series_functions.sql", "0005_series_client_finish.sql")
+SERIES_MIGRATIONS = ("0002_series.sql", "0004_series_functions.sql")
 
 
 @contextmanager

@@ -1,7 +1,6 @@
 """The PostgreSQL functions decide exactly like the Python rule.
 
-``deploy/migrations/0004_series_functions.sql`` and
-``0005_series_client_finish.sql`` transcribe :mod:`worker.ratelimit.series`;
+``deploy/migrations/0004_series_functions.sql`` transcribes :mod:`worker.ratelimit.series`;
 the in-memory backend runs the Python functions. Both get the same random
 sequences of acquire, release (with and without the holder's bound of the
 finish), expiry (the clock jumping past ``lease_ms``) and forget-waiter events

@@ -8,6 +8,13 @@
 -- drives both with the same random sequences of acquire, release and expiry
 -- events and requires the same answers; change them together.
 --
+-- series_acquire reports called_at, the clock read when the call began, from
+-- which the caller bounds the offset between its clock and this one;
+-- series_release takes p_finished_at, the caller's upper bound of this clock
+-- when it saw the SMTP server's last reply, and the lease finishes at the
+-- earlier of it and clock_timestamp() (worker/ratelimit/series.py, "The
+-- finish is the earlier of two times").
+--
 -- Time points come from clock_timestamp() read after the row lock was granted
 -- (p_at replaces it in that test). Safe to apply more than once.
 
@@ -123,12 +130,15 @@ CREATE OR REPLACE PROCEDURE series_acquire(
     INOUT in_series bigint,
     INOUT granted_slots integer,
     INOUT next_ask_ms integer,
-    INOUT retry_in_ms integer)
+    INOUT retry_in_ms integer,
+    INOUT called_at timestamptz)
 LANGUAGE plpgsql AS $$
 DECLARE
-    hold_until timestamptz := clock_timestamp() + greatest(p_hold_ms, 0) * interval '1 millisecond';
+    hold_until timestamptz;
     r record;
 BEGIN
+    called_at := coalesce(p_at, clock_timestamp());
+    hold_until := called_at + greatest(p_hold_ms, 0) * interval '1 millisecond';
     LOOP
         SELECT * INTO r FROM series_try_acquire(
             p_tenant, p_holder, p_want, p_batch_size, p_pause_ms, p_lease_ms, p_priority, p_waiter, p_at);
@@ -152,7 +162,8 @@ CREATE OR REPLACE FUNCTION series_release(
     p_lease_id bigint,
     p_slots integer,
     p_unused integer,
-    p_at timestamptz)
+    p_at timestamptz,
+    p_finished_at timestamptz)
 RETURNS boolean                    -- false: the lease had expired and been reaped
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -176,7 +187,8 @@ BEGIN
         st.granted := greatest(st.granted - p_unused, 0);
     END IF;
     IF p_unused < p_slots AND (current OR lease_series IS NULL) THEN
-        st.last_finish_at := greatest(st.last_finish_at, now_at);
+        -- least() ignores a NULL p_finished_at.
+        st.last_finish_at := greatest(st.last_finish_at, least(now_at, p_finished_at));
     END IF;
     UPDATE series_state s
        SET granted = st.granted, last_finish_at = st.last_finish_at
@@ -184,3 +196,4 @@ BEGIN
     RETURN lease_series IS NOT NULL;
 END
 $$;
+

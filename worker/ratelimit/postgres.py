@@ -2,8 +2,7 @@
 
 Acquiring and releasing are one statement each: ``CALL series_acquire(…)``
 and ``SELECT series_release(…)``, defined in
-``deploy/migrations/0004_series_functions.sql`` and
-``0005_series_client_finish.sql`` on the tables of ``0002_series.sql``. They
+``deploy/migrations/0004_series_functions.sql`` on the tables of ``0002_series.sql``. They
 lock the tenant's ``series_state`` row, reap expired leases, apply the series
 rule (a transcription of :mod:`worker.ratelimit.series`, proven equal to it by
 ``tests/test_ratelimit_equivalence.py``) and write the result back, so the row
