@@ -302,20 +302,18 @@ class Pipeline:
                     sender=refused.sender if refused else None,
                     recipients=refused.recipients if refused else None,
                 )
+            # A conflicting job id must not overwrite the original job's dead entry.
+            conflict = error.reason == "job_id_conflict"
             store_dead_job(
                 conn,
-                DeadJob(
-                    id=str(job.job_id) if error.reason != "job_id_conflict" else _message_id(),
-                    queue_name=q_name(message.queue_name) if message else "",
+                _dead_job(
+                    message,
                     reason=error.reason,
                     detail=str(error),
                     attempts=int(message.options.get("retries", 0)) + 1 if message else 1,
-                    job_id=job.job_id,
-                    tenant=job.tenant,
-                    doc_type=job.document.type.value,
-                    doc_number=job.document.number,
+                    job=job,
                     smtp_reply=error.smtp_reply,
-                    message=message.asdict() if message else None,
+                    entry_id=(message.message_id if message else str(uuid.uuid4())) if conflict else None,
                 ),
             )
         metrics.MAILS_FAILED.labels(job.tenant, job.document.type.value, error.reason).inc()
@@ -355,18 +353,8 @@ class Pipeline:
                 return
             store_dead_job(
                 conn,
-                DeadJob(
-                    id=str(job.job_id) if job else message.message_id,
-                    queue_name=q_name(message.queue_name),
-                    reason=reason,
-                    detail=detail,
-                    attempts=attempts,
-                    job_id=job.job_id if job else None,
-                    tenant=job.tenant if job else None,
-                    doc_type=job.document.type.value if job else None,
-                    doc_number=job.document.number if job else None,
-                    smtp_reply=smtp_reply,
-                    message=message.asdict(),
+                _dead_job(
+                    message, reason=reason, detail=detail, attempts=attempts, job=job, smtp_reply=smtp_reply
                 ),
             )
         labels = (job.tenant, job.document.type.value) if job else ("unknown", "unknown")
@@ -383,19 +371,48 @@ class Pipeline:
         with self.db.connection() as conn:
             store_dead_job(
                 conn,
-                DeadJob(
-                    id=str(job_id) if job_id else _message_id(),
-                    queue_name=q_name(message.queue_name) if message else "",
+                _dead_job(
+                    message,
                     reason=error.reason,
                     detail=str(error),
                     attempts=1,
                     job_id=job_id,
                     tenant=tenant if isinstance(tenant, str) else None,
-                    message=message.asdict() if message else None,
                 ),
             )
         metrics.DEAD_LETTERED.labels("unknown", "unknown", error.reason).inc()
         log_outcome("failed", job_id=job_id, reason=error.reason, detail=str(error))
+
+
+def _dead_job(
+    message: dramatiq.MessageProxy | dramatiq.Message[Any] | None,
+    *,
+    reason: str,
+    detail: str,
+    attempts: int,
+    job: Job | None = None,
+    job_id: UUID | None = None,
+    tenant: str | None = None,
+    smtp_reply: str | None = None,
+    entry_id: str | None = None,
+) -> DeadJob:
+    """The dead-letter entry of a message, with what is known of its job (the whole job, or
+    only the id and tenant of one that did not validate)."""
+    if job is not None:
+        job_id, tenant = job.job_id, job.tenant
+    return DeadJob(
+        id=entry_id or (str(job_id) if job_id else message.message_id if message else str(uuid.uuid4())),
+        queue_name=q_name(message.queue_name) if message else "",
+        reason=reason,
+        detail=detail,
+        attempts=attempts,
+        job_id=job_id,
+        tenant=tenant,
+        doc_type=job.document.type.value if job else None,
+        doc_number=job.document.number if job else None,
+        smtp_reply=smtp_reply,
+        message=message.asdict() if message else None,
+    )
 
 
 def _log_failure(outcome: str, job: Job, error: PermanentError | TransientError, started: float) -> None:
@@ -439,11 +456,6 @@ def _job_id_of(data: Any) -> UUID | None:
         return UUID(str(data["job_id"])) if isinstance(data, dict) and "job_id" in data else None
     except ValueError:
         return None
-
-
-def _message_id() -> str:
-    message = CurrentMessage.get_current_message()
-    return message.message_id if message else str(uuid.uuid4())
 
 
 __all__ = ["Pipeline", "payload_digest", "register_actor"]
