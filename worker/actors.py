@@ -18,7 +18,6 @@ from typing import Any
 from uuid import UUID
 
 import dramatiq
-from dramatiq.common import q_name
 from dramatiq.middleware import CurrentMessage
 from pydantic import ValidationError
 
@@ -27,7 +26,7 @@ from schemas.job import DocumentType, Job
 from worker import metrics
 from worker.compose import compose_message
 from worker.db import make_pool
-from worker.deadletter import DeadJob, store_dead_job
+from worker.deadletter import dead_entry, store_dead_job
 from worker.dkim import DkimSigner, load_signer, sign_message
 from worker.errors import (
     ClaimedElsewhere,
@@ -306,7 +305,7 @@ class Pipeline:
             conflict = error.reason == "job_id_conflict"
             store_dead_job(
                 conn,
-                _dead_job(
+                dead_entry(
                     message,
                     reason=error.reason,
                     detail=str(error),
@@ -353,7 +352,7 @@ class Pipeline:
                 return
             store_dead_job(
                 conn,
-                _dead_job(
+                dead_entry(
                     message, reason=reason, detail=detail, attempts=attempts, job=job, smtp_reply=smtp_reply
                 ),
             )
@@ -371,7 +370,7 @@ class Pipeline:
         with self.db.connection() as conn:
             store_dead_job(
                 conn,
-                _dead_job(
+                dead_entry(
                     message,
                     reason=error.reason,
                     detail=str(error),
@@ -382,37 +381,6 @@ class Pipeline:
             )
         metrics.DEAD_LETTERED.labels("unknown", "unknown", error.reason).inc()
         log_outcome("failed", job_id=job_id, reason=error.reason, detail=str(error))
-
-
-def _dead_job(
-    message: dramatiq.MessageProxy | dramatiq.Message[Any] | None,
-    *,
-    reason: str,
-    detail: str,
-    attempts: int,
-    job: Job | None = None,
-    job_id: UUID | None = None,
-    tenant: str | None = None,
-    smtp_reply: str | None = None,
-    entry_id: str | None = None,
-) -> DeadJob:
-    """The dead-letter entry of a message, with what is known of its job (the whole job, or
-    only the id and tenant of one that did not validate)."""
-    if job is not None:
-        job_id, tenant = job.job_id, job.tenant
-    return DeadJob(
-        id=entry_id or (str(job_id) if job_id else message.message_id if message else str(uuid.uuid4())),
-        queue_name=q_name(message.queue_name) if message else "",
-        reason=reason,
-        detail=detail,
-        attempts=attempts,
-        job_id=job_id,
-        tenant=tenant,
-        doc_type=job.document.type.value if job else None,
-        doc_number=job.document.number if job else None,
-        smtp_reply=smtp_reply,
-        message=message.asdict() if message else None,
-    )
 
 
 def _log_failure(outcome: str, job: Job, error: PermanentError | TransientError, started: float) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+import dramatiq
+from dramatiq.common import q_name
+
+from schemas.job import Job
 from worker.db import Connection, translated_errors
 
 
@@ -26,6 +31,37 @@ class DeadJob:
     """The broker message as it was first published, for replay."""
     raw_body: bytes | None = None
     """The undecodable body, when the message was not even JSON."""
+
+
+def dead_entry(
+    message: dramatiq.MessageProxy | dramatiq.Message[Any] | None,
+    *,
+    reason: str,
+    detail: str,
+    attempts: int,
+    job: Job | None = None,
+    job_id: UUID | None = None,
+    tenant: str | None = None,
+    smtp_reply: str | None = None,
+    entry_id: str | None = None,
+) -> DeadJob:
+    """The dead-letter entry of a message, with what is known of its job (the whole job, or
+    only the id and tenant of one that did not validate)."""
+    if job is not None:
+        job_id, tenant = job.job_id, job.tenant
+    return DeadJob(
+        id=entry_id or (str(job_id) if job_id else message.message_id if message else str(uuid.uuid4())),
+        queue_name=q_name(message.queue_name) if message else "",
+        reason=reason,
+        detail=detail,
+        attempts=attempts,
+        job_id=job_id,
+        tenant=tenant,
+        doc_type=job.document.type.value if job else None,
+        doc_number=job.document.number if job else None,
+        smtp_reply=smtp_reply,
+        message=message.asdict() if message else None,
+    )
 
 
 def store_dead_job(conn: Connection, dead: DeadJob) -> None:
@@ -57,4 +93,4 @@ def store_dead_job(conn: Connection, dead: DeadJob) -> None:
         conn.commit()
 
 
-__all__ = ["DeadJob", "store_dead_job"]
+__all__ = ["DeadJob", "dead_entry", "store_dead_job"]
