@@ -288,8 +288,10 @@ class Pipeline:
 
     def _fail(self, job: Job, error: PermanentError, started: float) -> None:
         message = CurrentMessage.get_current_message()
+        # A reused job id must touch neither the original job's ledger row nor its dead entry.
+        conflict = error.reason == "job_id_conflict"
         with self.db.connection() as conn:
-            if error.reason != "job_id_conflict":
+            if not conflict:
                 refused = error if isinstance(error, SenderNotPermitted) else None
                 record_failure(
                     conn,
@@ -301,8 +303,6 @@ class Pipeline:
                     sender=refused.sender if refused else None,
                     recipients=refused.recipients if refused else None,
                 )
-            # A conflicting job id must not overwrite the original job's dead entry.
-            conflict = error.reason == "job_id_conflict"
             store_dead_job(
                 conn,
                 dead_entry(
