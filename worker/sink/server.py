@@ -32,7 +32,13 @@ class Received:
 
 
 class RecordingHandler:
-    """Accepts every message, writes it to the maildir and remembers its envelope."""
+    """Accepts every message, writes it to the maildir and remembers its envelope.
+
+    Offers PIPELINING (RFC 2920) unless ``pipelining`` is false: aiosmtpd reads
+    commands one line at a time, so pipelined commands are answered in order.
+    """
+
+    pipelining = True
 
     def __init__(self, maildir: Path) -> None:
         self.maildir = maildir
@@ -41,6 +47,14 @@ class RecordingHandler:
         self._lock = threading.Lock()
         self._count = 0
         self.received: list[Received] = []
+
+    async def handle_EHLO(  # noqa: N802
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
         arrived = time.time()

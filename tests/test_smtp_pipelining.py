@@ -1,0 +1,145 @@
+"""PIPELINING (RFC 2920) against a real aiosmtpd sink: one write for the envelope and DATA when
+the server offers it, one command at a time when it does not, the same outcomes either way."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from schemas.tenant import Smtp
+from worker.compose import Composed
+from worker.errors import SmtpRejected, SmtpTemporaryFailure
+from worker.sink import RecordingHandler, Sink
+from worker.sink.faults import FaultyHandler, RecipientLimit, RefuseRecipients, TemporaryFailures
+from worker.smtp import SmtpPool
+
+
+class BufferAtMail(FaultyHandler):
+    """Remembers what the client had already sent behind each MAIL FROM when it was read."""
+
+    def __init__(self, maildir: Path) -> None:
+        super().__init__(maildir)
+        self.behind_mail: list[bytes] = []
+
+    async def handle_MAIL(  # noqa: N802
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        self.behind_mail.append(bytes(server._reader._buffer))  # type: ignore[attr-defined]
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+
+class RejectSender(FaultyHandler):
+    async def handle_MAIL(  # noqa: N802
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        return "550 5.7.1 Sender not allowed"
+
+
+@pytest.fixture(params=[True, False], ids=["pipelining", "one-by-one"])
+def start_sink(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Sink]]:
+    started: list[Sink] = []
+
+    def start(handler: type[RecordingHandler] = RecordingHandler, **options: Any) -> Sink:
+        maildir = tmp_path / f"maildir-{len(started)}"
+        recording = handler(maildir, **options)
+        recording.pipelining = request.param
+        sink = Sink(maildir, handler=recording)
+        started.append(sink)
+        return sink
+
+    yield start
+    for sink in started:
+        sink.stop()
+
+
+@pytest.fixture
+def pool() -> Iterator[SmtpPool]:
+    running = SmtpPool(timeout_ms=3000)
+    yield running
+    running.close()
+
+
+def server_of(sink: Sink) -> Smtp:
+    return Smtp(host=sink.host, port=sink.port, security="none", helo="test.postbote")
+
+
+def message(*recipients: str, n: int = 1) -> Composed:
+    data = f"From: a@acme.example\r\nTo: {', '.join(recipients)}\r\nSubject: {n}\r\n\r\n.Hallo\r\n".encode()
+    return Composed(data, "a@acme.example", recipients, f"<{n}@acme.example>", smtputf8=False)
+
+
+def test_the_envelope_and_data_go_in_one_write_only_to_a_server_offering_pipelining(
+    start_sink: Callable[..., Sink], pool: SmtpPool
+) -> None:
+    sink = start_sink(BufferAtMail)
+    for n in (1, 2):
+        delivery = pool.deliver("acme", server_of(sink), message("b@example.com", "archiv@acme.example", n=n))
+        assert delivery.accepted == ("b@example.com", "archiv@acme.example")
+        assert str(delivery.reply) == "250 2.0.0 Ok: queued"
+    pipelined = b"RCPT TO:<b@example.com>\r\nRCPT TO:<archiv@acme.example>\r\nDATA\r\n"
+    offered = sink.handler.pipelining
+    assert sink.handler.behind_mail == [pipelined if offered else b""] * 2
+    received = sink.handler.received
+    assert [r.rcpt_tos for r in received] == [["b@example.com", "archiv@acme.example"]] * 2
+    assert all((sink.handler.maildir / r.file).read_bytes().endswith(b"\r\n.Hallo\r\n") for r in received)
+
+
+def test_a_refused_recipient_leaves_the_others_and_the_connection_usable(
+    start_sink: Callable[..., Sink], pool: SmtpPool
+) -> None:
+    sink = start_sink(RefuseRecipients, refuse={"weg@example.com"})
+    delivery = pool.deliver(
+        "acme", server_of(sink), message("eins@example.com", "weg@example.com", "drei@example.com")
+    )
+    assert delivery.accepted == ("eins@example.com", "drei@example.com")
+    assert {a: str(r) for a, r in delivery.refused.items()} == {"weg@example.com": "550 5.1.1 No such user"}
+    pool.deliver("acme", server_of(sink), message("vier@example.com", n=2))
+    assert [r.rcpt_tos for r in sink.handler.received] == [
+        ["eins@example.com", "drei@example.com"],
+        ["vier@example.com"],
+    ]
+
+
+def test_452_too_many_recipients_continues_in_further_transactions_in_order(
+    start_sink: Callable[..., Sink], pool: SmtpPool
+) -> None:
+    sink = start_sink(RecipientLimit, per_transaction=2)
+    recipients = [f"empfaenger{n}@example.com" for n in range(5)]
+    delivery = pool.deliver("acme", server_of(sink), message(*recipients))
+    assert delivery.accepted == tuple(recipients)
+    assert delivery.refused == {}
+    assert [r.rcpt_tos for r in sink.handler.received] == [recipients[:2], recipients[2:4], recipients[4:]]
+
+
+def test_every_recipient_refused_is_permanent_and_nothing_is_sent(
+    start_sink: Callable[..., Sink], pool: SmtpPool
+) -> None:
+    sink = start_sink(RefuseRecipients, refuse={"weg@example.com", "auch@example.com"})
+    with pytest.raises(SmtpRejected, match="every recipient refused") as refused:
+        pool.deliver("acme", server_of(sink), message("weg@example.com", "auch@example.com"))
+    assert refused.value.smtp_reply == "550 5.1.1 No such user"
+    pool.deliver("acme", server_of(sink), message("da@example.com", n=2))
+    assert [r.rcpt_tos for r in sink.handler.received] == [["da@example.com"]]
+
+
+def test_a_refused_sender_is_permanent_with_the_servers_reply(
+    start_sink: Callable[..., Sink], pool: SmtpPool
+) -> None:
+    sink = start_sink(RejectSender)
+    with pytest.raises(SmtpRejected, match="MAIL FROM: 550 5.7.1 Sender not allowed"):
+        pool.deliver("acme", server_of(sink), message("b@example.com"))
+    assert sink.handler.received == []
+
+
+def test_a_temporary_refusal_after_data_is_transient_and_the_next_mail_goes_through(
+    start_sink: Callable[..., Sink], pool: SmtpPool
+) -> None:
+    sink = start_sink(TemporaryFailures, times=1)
+    with pytest.raises(SmtpTemporaryFailure, match="DATA: 451"):
+        pool.deliver("acme", server_of(sink), message("b@example.com"))
+    pool.deliver("acme", server_of(sink), message("b@example.com"))
+    assert [r.rcpt_tos for r in sink.handler.received] == [["b@example.com"]]
