@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from schemas.tenant import Smtp
-from worker.compose import Composed
+from tests.smtp_support import message, server_of, sink_starter
 from worker.errors import SmtpRejected, SmtpTemporaryFailure
-from worker.sink import RecordingHandler, Sink
+from worker.sink import Sink
 from worker.sink.faults import FaultyHandler, RecipientLimit, RefuseRecipients, TemporaryFailures
 from worker.smtp import SmtpPool
 
@@ -41,19 +39,8 @@ class RejectSender(FaultyHandler):
 
 @pytest.fixture(params=[True, False], ids=["pipelining", "one-by-one"])
 def start_sink(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Sink]]:
-    started: list[Sink] = []
-
-    def start(handler: type[RecordingHandler] = RecordingHandler, **options: Any) -> Sink:
-        maildir = tmp_path / f"maildir-{len(started)}"
-        recording = handler(maildir, **options)
-        recording.pipelining = request.param
-        sink = Sink(maildir, handler=recording)
-        started.append(sink)
-        return sink
-
-    yield start
-    for sink in started:
-        sink.stop()
+    with sink_starter(tmp_path, pipelining=request.param) as start:
+        yield start
 
 
 @pytest.fixture
@@ -63,21 +50,14 @@ def pool() -> Iterator[SmtpPool]:
     running.close()
 
 
-def server_of(sink: Sink) -> Smtp:
-    return Smtp(host=sink.host, port=sink.port, security="none", helo="test.postbote")
-
-
-def message(*recipients: str, n: int = 1) -> Composed:
-    data = f"From: a@acme.example\r\nTo: {', '.join(recipients)}\r\nSubject: {n}\r\n\r\n.Hallo\r\n".encode()
-    return Composed(data, "a@acme.example", recipients, f"<{n}@acme.example>", smtputf8=False)
-
-
 def test_the_envelope_and_data_go_in_one_write_only_to_a_server_offering_pipelining(
     start_sink: Callable[..., Sink], pool: SmtpPool
 ) -> None:
     sink = start_sink(BufferAtMail)
     for n in (1, 2):
-        delivery = pool.deliver("acme", server_of(sink), message("b@example.com", "archiv@acme.example", n=n))
+        delivery = pool.deliver(
+            "acme", server_of(sink), message("b@example.com", "archiv@acme.example", n=n, body=".Hallo")
+        )
         assert delivery.accepted == ("b@example.com", "archiv@acme.example")
         assert str(delivery.reply) == "250 2.0.0 Ok: queued"
     pipelined = b"RCPT TO:<b@example.com>\r\nRCPT TO:<archiv@acme.example>\r\nDATA\r\n"

@@ -6,15 +6,13 @@ import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from schemas.tenant import Smtp
-from worker.compose import Composed
+from tests.smtp_support import message, server_of, sink_starter
 from worker.errors import SmtpRejected
-from worker.sink import RecordingHandler, Sink
+from worker.sink import Sink
 from worker.sink.faults import FaultyHandler, RecipientLimit, RefuseRecipients
 from worker.smtp import SmtpPool
 
@@ -43,17 +41,8 @@ class Opened:
 
 @pytest.fixture
 def start_sink(tmp_path: Path) -> Iterator[Callable[..., Sink]]:
-    started: list[Sink] = []
-
-    def start(handler: type[RecordingHandler] = RecordingHandler, **options: Any) -> Sink:
-        maildir = tmp_path / f"maildir-{len(started)}"
-        sink = Sink(maildir, handler=handler(maildir, **options))
-        started.append(sink)
-        return sink
-
-    yield start
-    for sink in started:
-        sink.stop()
+    with sink_starter(tmp_path) as start:
+        yield start
 
 
 @pytest.fixture
@@ -66,15 +55,6 @@ def pool(opened: Opened) -> Iterator[SmtpPool]:
     running = SmtpPool(timeout_ms=3000, on_connect=opened)
     yield running
     running.close()
-
-
-def server_of(sink: Sink, **fields: Any) -> Smtp:
-    return Smtp(host=sink.host, port=sink.port, security="none", helo="test.postbote", **fields)
-
-
-def message(*recipients: str, n: int = 1) -> Composed:
-    data = f"From: a@acme.example\r\nTo: {', '.join(recipients)}\r\nSubject: {n}\r\n\r\nHallo\r\n".encode()
-    return Composed(data, "a@acme.example", recipients, f"<{n}@acme.example>", smtputf8=False)
 
 
 def test_a_staged_send_reaches_the_server_only_when_delivered(

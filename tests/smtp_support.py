@@ -1,0 +1,41 @@
+"""What the SMTP pool tests share: sinks started per test, a server entry for one, a tiny message."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from schemas.tenant import Smtp
+from worker.compose import Composed
+from worker.sink import RecordingHandler, Sink
+
+
+@contextmanager
+def sink_starter(tmp_path: Path, *, pipelining: bool = True) -> Iterator[Callable[..., Sink]]:
+    """``start(handler_class, **options)`` runs a sink with that handler; all stop at the end."""
+    started: list[Sink] = []
+
+    def start(handler: type[RecordingHandler] = RecordingHandler, **options: Any) -> Sink:
+        maildir = tmp_path / f"maildir-{len(started)}"
+        recording = handler(maildir, **options)
+        recording.pipelining = pipelining
+        sink = Sink(maildir, handler=recording)
+        started.append(sink)
+        return sink
+
+    try:
+        yield start
+    finally:
+        for sink in started:
+            sink.stop()
+
+
+def server_of(sink: Sink, **fields: Any) -> Smtp:
+    return Smtp(host=sink.host, port=sink.port, security="none", helo="test.postbote", **fields)
+
+
+def message(*recipients: str, n: int = 1, body: str = "Hallo") -> Composed:
+    data = f"From: a@acme.example\r\nTo: {', '.join(recipients)}\r\nSubject: {n}\r\n\r\n{body}\r\n".encode()
+    return Composed(data, "a@acme.example", recipients, f"<{n}@acme.example>", smtputf8=False)
