@@ -39,8 +39,7 @@ def encode_job(job: Job, prefix: str) -> tuple[str, bytes]:
     shell = envelope(job.model_copy(update={"attachments": []}), prefix)
     shell["args"] = ["\0job\0"]
     head, _, tail = encode(shell).partition(b'"\\u0000job\\u0000"')
-    body = job.model_dump_json(by_alias=True, exclude_none=True).encode("utf-8")
-    return str(shell["queue_name"]), head + body + tail
+    return str(shell["queue_name"]), b"".join((head, job.dump_json(), tail))
 
 
 def encode(message: dict[str, Any]) -> bytes:

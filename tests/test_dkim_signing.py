@@ -300,3 +300,28 @@ def test_the_fast_body_canonicalization_equals_dkimpys_on_random_bodies() -> Non
     for _ in range(20_000):
         body = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
         assert relaxed_body(body) == Relaxed.canonicalize_body(body), body
+
+
+def test_the_fast_header_canonicalization_equals_dkimpys_on_random_header_blocks() -> None:
+    import random
+
+    from dkim.canonicalization import Relaxed
+
+    from worker.dkim import relaxed_headers
+
+    names = [b"From", b"To", b"subject", b"X-Y", b"Bad Name", b"", b"a:b"]
+    pieces = [b" ", b"\t", b"  ", b"x", b"\xc3\xa4", b"\r\n ", b"\r\n\t", b"\n", b"\r", b"\x0b", b":", b"=?"]
+    rng = random.Random(6376)
+    for _ in range(20_000):
+        lines = [
+            rng.choice(names) + b":" + b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
+            for _ in range(rng.randint(1, 4))
+        ]
+        head = b"\r\n".join(lines) + b"\r\n\r\n"
+        try:
+            expected = Relaxed.canonicalize_headers(dkim.rfc822_parse(head)[0])
+        except dkim.MessageFormatError:
+            with pytest.raises(PermanentError, match="cannot DKIM-sign"):
+                relaxed_headers(head)
+            continue
+        assert relaxed_headers(head) == expected, head

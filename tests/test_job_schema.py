@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import binascii
+import random
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from schemas.job import Job
+from schemas.job import Job, is_base64
 
 
 def job(**changes: Any) -> dict[str, Any]:
@@ -66,6 +68,22 @@ def test_at_least_one_recipient_is_required() -> None:
 def test_attachments_must_be_valid_base64() -> None:
     attachment = {"filename": "a.pdf", "content_type": "application/pdf", "content_base64": "not base64!"}
     assert error_fields(job(attachments=[attachment])) == ["attachments.0.content_base64"]
+
+
+def test_the_base64_check_agrees_with_strict_decoding_except_for_surplus_padding() -> None:
+    rng = random.Random(8)
+    samples = ["", "AA==", "AAA=", "+/+/", "AAAA=", "AA=A", "=AAA", "AA\nAA==", "AAé="]
+    samples += [base64.b64encode(rng.randbytes(rng.randint(0, 40))).decode() for _ in range(500)]
+    samples += ["".join(rng.choice("AB+/=\n -") for _ in range(rng.randint(0, 12))) for _ in range(20_000)]
+    for value in samples:
+        try:
+            binascii.a2b_base64(value, strict_mode=True)
+        except ValueError:
+            canonical = False
+        else:
+            data = value.rstrip("=")
+            canonical = len(value) - len(data) == -len(data) % 4
+        assert is_base64(value) == canonical, value
 
 
 def test_a_filename_with_a_directory_is_rejected() -> None:

@@ -99,8 +99,8 @@ def _pipelined_envelope(
         client.command_encoding = "utf-8"
     recipients = list(progress.pending)
     extra = "".join(" " + option for option in options)
-    commands = [f"MAIL FROM:{smtplib.quoteaddr(message.mail_from)}{extra}\r\n"]
-    commands += [f"RCPT TO:{smtplib.quoteaddr(rcpt)}\r\n" for rcpt in recipients]
+    commands = [f"MAIL FROM:<{message.mail_from}>{extra}\r\n"]
+    commands += [f"RCPT TO:<{rcpt}>\r\n" for rcpt in recipients]
     if with_data:
         commands.append("DATA\r\n")
     progress.stage = "MAIL FROM"
