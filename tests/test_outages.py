@@ -16,7 +16,7 @@ import yaml
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.conftest import RunningWorker, send_jobs
-from tests.faultkit import PrivatePostgres, PrivateRabbitmq, assert_sent_once_or_dead, own_queues
+from tests.faultkit import PrivatePostgres, PrivateRabbitmq, assert_sent_once_or_dead, cleanup, own_queues
 from worker.db import connect, ensure_database, upgrade
 from worker.documents import make_job
 from worker.settings import Settings
@@ -125,3 +125,4 @@ def test_postgresql_unreachable_for_a_while_loses_nothing_and_sends_nothing_twic
         assert "database" in worker.output()
     finally:
         worker.stop()
+        cleanup(own)
