@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.middleware import Middleware, ShutdownNotifications, TimeLimit
+from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
 from worker.middleware import GiveUp, RetryPolicy
 from worker.settings import Settings
+
+# pika reads 4 KB per recv(): a job with a PDF (~40 KB) took ten reads, each followed by a
+# copy of the growing frame buffer and a failed attempt to decode it. 256 KB takes it in one.
+_AsyncTransportBase._MAX_RECV_BYTES = 256 * 1024
 
 
 def make_broker(settings: Settings, give_up: GiveUp, extra: list[Middleware] | None = None) -> RabbitmqBroker:

@@ -1,0 +1,12 @@
+"""The worker's RabbitMQ connections read a whole job per recv(), not 4 KB at a time."""
+
+from __future__ import annotations
+
+from pika.adapters.utils.io_services_utils import _AsyncTransportBase
+
+import worker.broker  # noqa: F401 - importing it sets the read size
+
+
+def test_pika_still_reads_with_the_size_the_worker_sets() -> None:
+    assert "_MAX_RECV_BYTES" in _AsyncTransportBase._consume.__code__.co_names
+    assert _AsyncTransportBase._MAX_RECV_BYTES == 256 * 1024
