@@ -195,11 +195,16 @@ def relaxed_body(body: bytes) -> bytes:
 
     dkimpy runs its regular expressions over every body; these run only when the
     body has something to change, which base64 and quoted-printable rarely do.
+    Without tabs, all there is to change lies before the last space, so the
+    base64 of attachments at the end is not searched through.
     """
-    if b" \r\n" in body or b"\t" in body:
-        body = _TRAILING_WSP.sub(b"\r\n", body)
-    if b"  " in body or b"\t" in body:
-        body = _WSP_RUN.sub(b" ", body)
+    if b"\t" in body:
+        body = _WSP_RUN.sub(b" ", _TRAILING_WSP.sub(b"\r\n", body))
+    else:
+        if body.find(b" \r\n", 0, body.rfind(b" ") + 3) >= 0:
+            body = _TRAILING_WSP.sub(b"\r\n", body)
+        if body.find(b"  ", 0, body.rfind(b" ") + 2) >= 0:
+            body = _WSP_RUN.sub(b" ", body)
     end = len(body)
     while body.endswith(b"\r\n", 0, end):
         end -= 2
