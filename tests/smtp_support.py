@@ -14,14 +14,19 @@ from worker.sink import RecordingHandler, Sink
 
 @contextmanager
 def sink_starter(tmp_path: Path, *, pipelining: bool = True) -> Iterator[Callable[..., Sink]]:
-    """``start(handler_class, **options)`` runs a sink with that handler; all stop at the end."""
+    """``start(handler_class, smtp_kwargs, **options)`` runs a sink with that handler (and those
+    arguments for aiosmtpd's ``SMTP``); all stop at the end."""
     started: list[Sink] = []
 
-    def start(handler: type[RecordingHandler] = RecordingHandler, **options: Any) -> Sink:
+    def start(
+        handler: type[RecordingHandler] = RecordingHandler,
+        smtp_kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Sink:
         maildir = tmp_path / f"maildir-{len(started)}"
         recording = handler(maildir, **options)
         recording.pipelining = pipelining
-        sink = Sink(maildir, handler=recording)
+        sink = Sink(maildir, handler=recording, **(smtp_kwargs or {}))
         started.append(sink)
         return sink
 

@@ -10,6 +10,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.smtp_support import message, server_of, sink_starter
+from worker.compose import Composed
 from worker.errors import SmtpRejected, SmtpTemporaryFailure
 from worker.sink import Sink
 from worker.sink.faults import FaultyHandler, RecipientLimit, RefuseRecipients, TemporaryFailures
@@ -123,3 +124,17 @@ def test_a_temporary_refusal_after_data_is_transient_and_the_next_mail_goes_thro
         pool.deliver("acme", server_of(sink), message("b@example.com"))
     pool.deliver("acme", server_of(sink), message("b@example.com"))
     assert [r.rcpt_tos for r in sink.handler.received] == [["b@example.com"]]
+
+
+def test_a_non_ascii_local_part_goes_out_with_smtputf8(
+    start_sink: Callable[..., Sink], pool: SmtpPool
+) -> None:
+    sink = start_sink(smtp_kwargs={"enable_SMTPUTF8": True})
+    data = b"From: a@acme.example\r\nTo: j\xc3\xbcrgen@example.com\r\nSubject: 1\r\n\r\nHallo\r\n"
+    utf8 = Composed(data, "a@acme.example", ("jürgen@example.com",), "<1@acme.example>", smtputf8=True)
+    delivery = pool.deliver("acme", server_of(sink), utf8)
+    assert delivery.accepted == ("jürgen@example.com",)
+    [received] = sink.handler.received
+    assert received.rcpt_tos == ["jürgen@example.com"]
+    pool.deliver("acme", server_of(sink), message("b@example.com", n=2))
+    assert [r.rcpt_tos for r in sink.handler.received][1] == ["b@example.com"]
