@@ -19,8 +19,9 @@ import pika
 import psycopg
 import yaml
 
+import producer.queues
 from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE, queue_name
-from worker.db import connect, ensure_database, upgrade
+from worker.db import connect, drop_database, ensure_database, upgrade
 from worker.settings import Settings
 from worker.sink import free_port
 from worker.tenant_apply import apply_tenants, read_tenant_file
@@ -54,16 +55,14 @@ def bench_settings(**overrides: Any) -> Iterator[Settings]:
             settings.broker_url,
             [queue_name(settings.queue_prefix, lane) for lane in (DOCUMENTS_QUEUE, RECEIPTS_QUEUE)],
         )
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(url)
 
 
 def delete_queues(broker_url: str, queues: list[str]) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(broker_url))
     channel = connection.channel()
-    for base in queues:
-        for name in (base, f"{base}.DQ", f"{base}.XQ"):
-            channel.queue_delete(name)
+    for queue in queues:
+        producer.queues.delete_queues(channel, queue)
     connection.close()
 
 

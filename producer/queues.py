@@ -21,4 +21,10 @@ def declare_queues(channel: BlockingChannel, queue: str) -> None:
     channel.queue_declare(queue=f"{queue}.XQ", durable=True, arguments={"x-message-ttl": DEAD_MESSAGE_TTL_MS})
 
 
-__all__ = ["DEAD_MESSAGE_TTL_MS", "declare_queues", "queue_arguments"]
+def delete_queues(channel: BlockingChannel, queue: str) -> None:
+    """Delete the work queue with its delay and dead-letter queues (tests and benchmarks clean up)."""
+    for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+        channel.queue_delete(name)
+
+
+__all__ = ["DEAD_MESSAGE_TTL_MS", "declare_queues", "delete_queues", "queue_arguments"]

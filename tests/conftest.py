@@ -17,10 +17,11 @@ import psycopg
 import pytest
 import yaml
 
+import producer.queues
 from producer import publish
 from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE, queue_name
 from schemas.job import Job
-from worker.db import Connection, connect, ensure_database, upgrade
+from worker.db import Connection, connect, drop_database, ensure_database, upgrade
 from worker.settings import Settings
 from worker.sink import Sink, free_port
 from worker.tenant_apply import apply_tenants, read_tenant_file
@@ -54,17 +55,14 @@ def settings() -> Iterator[Settings]:
     )
     yield test_settings
     delete_queues(test_settings)
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "postbote_test_{token}" WITH (FORCE)')
+    drop_database(url)
 
 
 def delete_queues(settings: Settings) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
     channel = connection.channel()
     for lane in (DOCUMENTS_QUEUE, RECEIPTS_QUEUE):
-        base = queue_name(settings.queue_prefix, lane)
-        for name in (base, f"{base}.DQ", f"{base}.XQ"):
-            channel.queue_delete(name)
+        producer.queues.delete_queues(channel, queue_name(settings.queue_prefix, lane))
     connection.close()
 
 

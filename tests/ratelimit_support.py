@@ -14,6 +14,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tests.conftest import ADMIN_URL
+from worker.db import drop_database, ensure_database
+from worker.errors import DatabaseUnavailable
 from worker.ratelimit import PostgresBackend, SeriesLimiter, Throttled
 
 
@@ -123,7 +126,6 @@ def throttled_count(directory: Path, tenant_id: str) -> int:
     return sum(int(p.read_text()) for p in directory.glob(f"throttled-{tenant_id}-*.txt"))
 
 
-ADMIN_DSN = os.environ.get("POSTBOTE_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "migrations"
 SERIES_MIGRATIONS = ("0002_series.sql", "0004_series_functions.sql")
 
@@ -131,19 +133,16 @@ SERIES_MIGRATIONS = ("0002_series.sql", "0004_series_functions.sql")
 @contextmanager
 def series_database() -> Iterator[str]:
     """A fresh database with the series tables and functions (applied twice: harmless), dropped afterwards."""
-    database = f"postbote_test_{uuid.uuid4().hex[:12]}"
+    url = psycopg.conninfo.make_conninfo(ADMIN_URL, dbname=f"postbote_test_{uuid.uuid4().hex[:12]}")
     try:
-        admin = psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as e:
-        pytest.fail(f"PostgreSQL not reachable at {ADMIN_DSN}: {e}; `make test` starts it")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{database}"')
-        url = ADMIN_DSN.rsplit("/", 1)[0] + "/" + database
-        try:
-            with psycopg.connect(url) as conn:
-                for _ in range(2):
-                    for migration in SERIES_MIGRATIONS:
-                        conn.execute((MIGRATIONS_DIR / migration).read_text().encode())
-            yield url
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        ensure_database(url)
+    except DatabaseUnavailable as e:
+        pytest.fail(f"{e}; `make test` starts PostgreSQL")
+    try:
+        with psycopg.connect(url) as conn:
+            for _ in range(2):
+                for migration in SERIES_MIGRATIONS:
+                    conn.execute((MIGRATIONS_DIR / migration).read_text().encode())
+        yield url
+    finally:
+        drop_database(url)

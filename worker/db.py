@@ -65,6 +65,14 @@ def ensure_database(database_url: str) -> bool:
         raise DatabaseUnavailable(f"database unreachable: {_first_line(e)}") from e
 
 
+def drop_database(database_url: str) -> None:
+    """Drop the database named in ``database_url`` if it exists, closing its sessions (tests, benchmarks)."""
+    name = str(psycopg.conninfo.conninfo_to_dict(database_url).get("dbname") or "")
+    admin = psycopg.conninfo.make_conninfo(database_url, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 @contextmanager
 def translated_errors() -> Iterator[None]:
     """Turn driver errors about the server's reachability into ``DatabaseUnavailable``."""
@@ -133,6 +141,7 @@ def _first_line(error: BaseException) -> str:
 __all__ = [
     "Connection",
     "connect",
+    "drop_database",
     "ensure_database",
     "make_pool",
     "migrations",
