@@ -34,6 +34,13 @@ def test_every_line_ends_in_crlf_and_fits_the_line_limit() -> None:
     assert max(len(line) for line in lines) <= 78
 
 
+def test_mixed_line_ends_in_texts_and_signatures_leave_no_bare_cr_or_lf() -> None:
+    sender = Sender("anna@acme.example", "Anna Berg", "Gruß\rAnna\n\rBerg", "<p>A\r\nB\rC</p>")
+    mixed = "eins\rzwei\nDrei\r\n\r\rvier \r"
+    raw, _ = compose(sender, body={"text": mixed, "html": f"<p>{mixed}</p>"})
+    assert raw.count(b"\r") == raw.count(b"\n") == raw.count(b"\r\n")
+
+
 def test_the_message_is_seven_bit() -> None:
     raw, _ = compose(subject="Rechnung für Müller", body={"text": "Grüße aus Köln"})
     assert raw.isascii()

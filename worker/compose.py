@@ -30,7 +30,12 @@ _FOLD_AT = 78
 
 @dataclass(frozen=True)
 class Composed:
-    """A message ready to sign and send, with its explicit envelope."""
+    """A message ready to sign and send, with its explicit envelope.
+
+    ``data`` ends every line in CRLF and has no bare CR or LF: header values cannot hold
+    control characters, text parts are normalized and base64 is checked, so signing
+    and SMTP take the bytes as they are.
+    """
 
     data: bytes
     mail_from: str
