@@ -80,6 +80,24 @@ def workload(tenant: str, count: int) -> list[dict[str, Any]]:
     ]
 
 
+def bench_tenant(smtp_port: int, key_file: Path, *, max_connections: int = 3) -> dict[str, Any]:
+    """The tenant of the workload: archive BCC, a permitted sender, DKIM, series too loose to throttle."""
+    return {
+        "id": "bench",
+        "smtp": {
+            "host": "127.0.0.1",
+            "port": smtp_port,
+            "security": "none",
+            "max_connections": min(max_connections, 20),
+        },
+        "series": {"batch_size": 100000, "pause_ms": 0},
+        "archive_bcc": "archiv@acme.example",
+        "senders": {"invoice": "rechnung@acme.example"},
+        "dkim": {"domain": "acme.example", "selector": "s2026", "private_key_file": str(key_file)},
+        "employees": [{"id": "u1", "email": "anna@acme.example", "senders": ["rechnung@acme.example"]}],
+    }
+
+
 def wait_for(
     sink: SmtpSinkProcess, root: int, total: int, timeout: float
 ) -> tuple[float, float, int, list[int]]:
@@ -316,16 +334,8 @@ def main() -> int:
     key_file.write_bytes(key_pem)
     record = dns_record("acme.example", "s2026", key)
     with bench_settings() as settings, smtp_sink() as sink:
-        tenant = {
-            "id": "bench",
-            "smtp": {"host": "127.0.0.1", "port": sink.port, "security": "none"},
-            "series": {"batch_size": 100000, "pause_ms": 0},
-            "archive_bcc": "archiv@acme.example",
-            "senders": {"invoice": "rechnung@acme.example"},
-            "dkim": {"domain": "acme.example", "selector": "s2026", "private_key_file": str(key_file)},
-            "employees": [{"id": "u1", "email": "anna@acme.example", "senders": ["rechnung@acme.example"]}],
-        }
-        apply_tenant(settings, tenant, workdir)
+        # One connection per thread, as the naive actor has: no thread waits for a free one.
+        apply_tenant(settings, bench_tenant(sink.port, key_file, max_connections=args.threads), workdir)
         print(
             f"workload: {args.mails} invoices of ~{len(json.dumps(workload('bench', 1)[0])) // 1024} KB JSON "
             f"(PDF ~25 KB), DKIM rsa-sha256 2048, archive BCC, {args.processes} processes × {args.threads} threads"
