@@ -41,6 +41,8 @@ bench: install services
 	@bash .ci/services --bench-tools
 	$(PY) bench/series.py
 	$(PY) bench/throughput.py
+	$(PY) bench/consumer.py
+	$(PY) bench/stages.py
 	$(PY) bench/dkim_sign.py
 
 clean:
