@@ -25,11 +25,11 @@ class _BatchedAcks(_RabbitmqConsumer):
     """dramatiq's RabbitMQ consumer with cheaper acknowledgements.
 
     dramatiq hands each ack to the consumer's connection thread on its own, and there
-    ``BlockingChannel.basic_ack`` polls the socket until that one frame is written —
-    about 40 % of what dramatiq and pika spend per message. Here the first message
-    settled since the connection thread last ran wakes it; it then queues the frames
-    of all messages settled meanwhile on the channel, and the consumer's own I/O loop,
-    which runs continuously, writes them out together.
+    ``BlockingChannel.basic_ack`` polls the socket until that one frame is written.
+    Here the first message settled since the connection thread last ran wakes it; it
+    then queues the frames of all messages settled meanwhile on the channel, and the
+    consumer's own I/O loop, which runs continuously, writes them out together
+    (``bench/consumer.py``: ~18 % less CPU per message in dramatiq and pika).
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
