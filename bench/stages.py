@@ -65,6 +65,7 @@ class Stages:
     @contextmanager
     def timing(self, owner: Any, attribute: str, stage: str) -> Iterator[None]:
         original = getattr(owner, attribute)
+        own = vars(owner).get(attribute)
         recorded = self.calls.setdefault(stage, []) if stage in PURE_STAGES else None
 
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -80,10 +81,10 @@ class Stages:
         try:
             yield
         finally:
-            if owner is Job:
+            if own is None:
                 delattr(owner, attribute)
             else:
-                setattr(owner, attribute, original)
+                setattr(owner, attribute, own)
 
     def alone(self, stage: str) -> float:
         """CPU seconds per call of ``stage`` replayed in a loop (the same arguments, warm caches)."""

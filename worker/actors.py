@@ -312,7 +312,7 @@ class Pipeline:
                     attempts=int(message.options.get("retries", 0)) + 1 if message else 1,
                     job=job,
                     smtp_reply=error.smtp_reply,
-                    entry_id=(message.message_id if message else str(uuid.uuid4())) if conflict else None,
+                    keyed_by_message=conflict,
                 ),
             )
         metrics.MAILS_FAILED.labels(job.tenant, job.document.type.value, error.reason).inc()

@@ -43,14 +43,22 @@ def dead_entry(
     job_id: UUID | None = None,
     tenant: str | None = None,
     smtp_reply: str | None = None,
-    entry_id: str | None = None,
+    keyed_by_message: bool = False,
 ) -> DeadJob:
     """The dead-letter entry of a message, with what is known of its job (the whole job, or
-    only the id and tenant of one that did not validate)."""
+    only the id and tenant of one that did not validate).
+
+    The entry is keyed by the job id when there is one and not ``keyed_by_message``,
+    otherwise by the message id (a fresh id without a message).
+    """
     if job is not None:
         job_id, tenant = job.job_id, job.tenant
+    if job_id is not None and not keyed_by_message:
+        entry_id = str(job_id)
+    else:
+        entry_id = message.message_id if message else str(uuid.uuid4())
     return DeadJob(
-        id=entry_id or (str(job_id) if job_id else message.message_id if message else str(uuid.uuid4())),
+        id=entry_id,
         queue_name=q_name(message.queue_name) if message else "",
         reason=reason,
         detail=detail,
