@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+import pty
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_SPAWNED: list[subprocess.Popen[bytes]] = []
 
 
 @contextmanager
@@ -51,6 +53,8 @@ def bench_settings(**overrides: Any) -> Iterator[Settings]:
     try:
         yield settings
     finally:
+        while _SPAWNED:
+            stop(_SPAWNED.pop())
         delete_queues(
             settings.broker_url,
             [queue_name(settings.queue_prefix, lane) for lane in (DOCUMENTS_QUEUE, RECEIPTS_QUEUE)],
@@ -80,26 +84,21 @@ def env_for(settings: Settings, **overrides: Any) -> dict[str, str]:
     return env
 
 
+def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """A worker started for a benchmark; ``bench_settings`` stops it at the latest on the way out,
+    also when the benchmark fails."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    _SPAWNED.append(process)
+    return process
+
+
 def start_workers(
     settings: Settings, *, processes: int, threads: int, log: Path, **overrides: Any
 ) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "worker",
-                "worker",
-                "--processes",
-                str(processes),
-                "--threads",
-                str(threads),
-            ],
-            env=env_for(settings, **overrides),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
+    cli = [sys.executable, "-m", "worker", "worker"]
+    argv = [*cli, "--processes", str(processes), "--threads", str(threads)]
+    return spawn(argv, env_for(settings, **overrides), log)
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -112,22 +111,40 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 60) -> None:
             process.wait()
 
 
-@dataclass
 class SmtpSinkProcess:
     """Postfix's ``smtp-sink`` dumping every message to a file, in memory where ``/dev/shm`` exists
-    (cheap enough not to be the bottleneck)."""
+    (cheap enough not to be the bottleneck). Messages are counted from the running counter it
+    prints (``-c``, on a terminal, the only place it flushes it after each message), so that
+    polling the count costs nothing while the dump directory grows."""
 
-    port: int
-    dump_dir: Path
-    process: subprocess.Popen[bytes]
+    def __init__(self, port: int, dump_dir: Path, process: subprocess.Popen[bytes], counter: int) -> None:
+        self.port = port
+        self.dump_dir = dump_dir
+        self.process = process
+        self._received = 0
+        self._cleared_at = 0
+        threading.Thread(target=self._read_counter, args=(counter,), daemon=True).start()
+
+    def _read_counter(self, fd: int) -> None:
+        try:
+            while chunk := os.read(fd, 65536):
+                counters = chunk.rsplit(b"mesg=", 1)
+                if len(counters) == 2 and (digits := counters[1].split(b"\r", 1)[0]).isdigit():
+                    self._received = int(digits)
+                time.sleep(0.02)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def count(self) -> int:
-        return sum(1 for _ in os.scandir(self.dump_dir))
+        return self._received - self._cleared_at
 
     def files(self) -> list[Path]:
         return [Path(e.path) for e in os.scandir(self.dump_dir)]
 
     def clear(self) -> None:
+        self._cleared_at = self._received
         for path in self.files():
             path.unlink()
 
@@ -143,14 +160,16 @@ def smtp_sink() -> Iterator[SmtpSinkProcess]:
     dump_dir.chmod(0o777)
     port = free_port()
     user = ["-u", "postfix"] if os.geteuid() == 0 else []
+    counter, terminal = pty.openpty()
     process = subprocess.Popen(
-        [binary, *user, "-d", f"{dump_dir}/%H%M%S.", f"127.0.0.1:{port}", "1024"],
-        stdout=subprocess.DEVNULL,
+        [binary, *user, "-c", "-d", f"{dump_dir}/%H%M%S.", f"127.0.0.1:{port}", "1024"],
+        stdout=terminal,
         stderr=subprocess.DEVNULL,
     )
+    os.close(terminal)
     time.sleep(0.3)
     try:
-        yield SmtpSinkProcess(port, dump_dir, process)
+        yield SmtpSinkProcess(port, dump_dir, process, counter)
     finally:
         process.terminate()
         process.wait()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import email
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from bench.harness import (  # noqa: E402
     percentile,
     process_tree,
     smtp_sink,
+    spawn,
     start_workers,
     stop,
 )
@@ -158,29 +160,9 @@ def run_naive(
         "NAIVE_DKIM_KEY": key_pem.decode(),
     }
     publish_naive(settings, queue, jobs)
-    import os
-
-    with (workdir / "naive.log").open("wb") as log:
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dramatiq",
-                "naive_baseline",
-                "--path",
-                str(ROOT / "bench"),
-                "--processes",
-                str(args.processes),
-                "--threads",
-                str(args.threads),
-                "--queues",
-                queue,
-            ],
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
+    argv = [sys.executable, "-m", "dramatiq", "naive_baseline", "--path", str(ROOT / "bench")]
+    argv += ["--processes", str(args.processes), "--threads", str(args.threads), "--queues", queue]
+    worker = spawn(argv, {**os.environ, **env}, workdir / "naive.log")
     seconds, cpu, counted, pids = wait_for(sink, worker.pid, len(jobs), timeout=900)
     return Run("naive", counted, seconds, cpu, peak_rss_mb(pids[1:])), worker
 
@@ -300,7 +282,7 @@ def backlog_memory(
     )
     samples = []
     try:
-        for target in (2_000, 10_000, 20_000, 30_000):
+        for target in (args.backlog // 50, args.backlog // 10, args.backlog // 5, args.backlog * 3 // 10):
             deadline = time.monotonic() + 300
             while sink.count() < target and time.monotonic() < deadline:
                 time.sleep(0.5)
@@ -321,7 +303,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--publish-jobs", type=int, default=10_000)
     parser.add_argument(
-        "--scaling-mails", type=int, default=1500, help="per run of the 1/2/4-process scaling"
+        "--scaling-mails", type=int, default=1500, help="per run of the 1/2/4-process scaling (0: skip)"
     )
     parser.add_argument(
         "--backlog", type=int, default=100_000, help="queued jobs for the memory check (0: skip)"
@@ -369,7 +351,7 @@ def main() -> int:
         delete_queues(settings.broker_url, [queue])
 
         pub_rate = publish_rate(settings, "bench", args.publish_jobs)
-        scaled = scaling(settings, sink, args, workdir)
+        scaled = scaling(settings, sink, args, workdir) if args.scaling_mails else []
         memory = backlog_memory(settings, sink, args, workdir) if args.backlog else []
 
     print()
@@ -388,10 +370,11 @@ def main() -> int:
         f"DKIM verified (dkimpy) in a sample: postbote {ok}/20, naive {naive_ok}/20; "
         "every mail reached the receiver with its archive copy"
     )
-    print(f"\nscaling, {args.scaling_mails} mails each, {args.threads} threads per process:")
-    print(f"{'':14}{'mails/s':>10}{'CPU ms/mail':>13}{'peak RSS MB':>13}")
-    for run in scaled:
-        print(f"{run.name:14}{run.rate:10.1f}{run.cpu_ms:13.2f}{run.peak_rss_mb:13.1f}")
+    if scaled:
+        print(f"\nscaling, {args.scaling_mails} mails each, {args.threads} threads per process:")
+        print(f"{'':14}{'mails/s':>10}{'CPU ms/mail':>13}{'peak RSS MB':>13}")
+        for run in scaled:
+            print(f"{run.name:14}{run.rate:10.1f}{run.cpu_ms:13.2f}{run.peak_rss_mb:13.1f}")
     if memory:
         print(f"\nworker RSS with a backlog of {args.backlog:,} queued jobs (largest process):")
         print("  " + ", ".join(f"after {done:,} sent: {mb:.0f} MB" for done, mb in memory))
