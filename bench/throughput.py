@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dkim  # noqa: E402
+import dramatiq  # noqa: E402
 
 from bench.harness import (  # noqa: E402
     ROOT,
@@ -45,7 +45,6 @@ from bench.harness import (  # noqa: E402
     stop,
 )
 from producer import publish  # noqa: E402
-from producer.envelope import encode  # noqa: E402
 from schemas.job import Job  # noqa: E402
 from worker.dkim_keys import dns_record, generate_private_key, private_key_pem  # noqa: E402
 from worker.documents import make_job  # noqa: E402
@@ -176,16 +175,10 @@ def publish_naive(settings: Settings, queue: str, jobs: list[dict[str, Any]]) ->
     channel = connection.channel()
     declare_queues(channel, queue)
     for job in jobs:
-        message = {
-            "queue_name": queue,
-            "actor_name": "naive_send",
-            "args": [job],
-            "kwargs": {},
-            "options": {},
-            "message_id": str(uuid.uuid4()),
-            "message_timestamp": int(time.time() * 1000),
-        }
-        channel.basic_publish("", queue, encode(message), pika.BasicProperties(delivery_mode=2))
+        message = dramatiq.Message(
+            queue_name=queue, actor_name="naive_send", args=(job,), kwargs={}, options={}
+        )
+        channel.basic_publish("", queue, message.encode(), pika.BasicProperties(delivery_mode=2))
     connection.close()
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from typing import Any
 
+import dramatiq
 import pika
 
 from producer.publish import publish_messages
@@ -16,21 +16,11 @@ from worker.settings import Settings
 
 
 def _publish(settings: Settings, queue: str, count: int) -> None:
-    publish_messages(
-        [
-            {
-                "queue_name": queue,
-                "actor_name": "send_document",
-                "args": [n],
-                "kwargs": {},
-                "options": {},
-                "message_id": str(uuid.uuid4()),
-                "message_timestamp": int(time.time() * 1000),
-            }
-            for n in range(count)
-        ],
-        broker_url=settings.broker_url,
-    )
+    messages = [
+        dramatiq.Message(queue_name=queue, actor_name="send_document", args=(n,), kwargs={}, options={})
+        for n in range(count)
+    ]
+    publish_messages([message.asdict() for message in messages], broker_url=settings.broker_url)
 
 
 def _received(settings: Settings, count: int) -> tuple[Any, Any, str, list[Any]]:
