@@ -30,7 +30,7 @@ import pika  # noqa: E402
 from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer  # noqa: E402
 from dramatiq.middleware import CurrentMessage  # noqa: E402
 
-from bench.harness import bench_settings, delete_queues  # noqa: E402
+from bench.harness import bench_settings, delete_queues, machine  # noqa: E402
 from bench.throughput import workload  # noqa: E402
 from producer.confirms import publish_confirmed  # noqa: E402
 from producer.envelope import encode_job  # noqa: E402
@@ -117,6 +117,7 @@ def main() -> int:
             delete_queues(settings.broker_url, [messages[0][0]])
     ours, theirs = statistics.median(figures[False]), statistics.median(figures[True])
     size = len(messages[0][1]) // 1024
+    print(machine())
     print(
         f"{args.messages} messages of ~{size} KB, no-op actor, {args.threads} threads, {args.rounds} rounds"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import pty
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 import pika
 import psycopg
 import yaml
+from cryptography.hazmat.backends.openssl import backend
 
 import producer.queues
 from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE, queue_name
@@ -32,6 +34,26 @@ ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
+def machine() -> str:
+    """The CPU and versions the figures depend on, for the first line of a benchmark's output."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return (
+        f"machine: {os.cpu_count()} CPUs, {model} ({vector}), Python {platform.python_version()}, "
+        f"{backend.openssl_version_text()} (cryptography)"
+    )
 
 
 @contextmanager

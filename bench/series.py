@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiosmtpd.smtp import SMTP, Envelope, Session  # noqa: E402
 
-from bench.harness import apply_tenant, bench_settings, percentile, start_workers, stop  # noqa: E402
+from bench.harness import apply_tenant, bench_settings, machine, percentile, start_workers, stop  # noqa: E402
 from producer import publish  # noqa: E402
 from schemas.job import Job  # noqa: E402
 from worker.documents import make_job  # noqa: E402
@@ -204,8 +204,9 @@ def main() -> int:
             )
         finally:
             sink.stop()
+    print(f"\n{machine()}")
     print(
-        f"\n{args.processes} worker processes × {args.threads} threads (+2 receipt threads each), aiosmtpd sink"
+        f"{args.processes} worker processes × {args.threads} threads (+2 receipt threads each), aiosmtpd sink"
     )
     print(
         f"{'scenario':14}{'mails':>7}{'series':>8}{'violations':>11}{'mails/s':>9}{'of ceiling':>11}"

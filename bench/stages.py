@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import worker.actors  # noqa: E402
-from bench.harness import apply_tenant, bench_settings, smtp_sink  # noqa: E402
+from bench.harness import apply_tenant, bench_settings, machine, smtp_sink  # noqa: E402
 from bench.throughput import bench_tenant, workload  # noqa: E402
 from schemas.job import Job  # noqa: E402
 from worker.actors import Pipeline  # noqa: E402
@@ -133,6 +133,7 @@ def main() -> int:
     per_mail = {stage: seconds / args.mails for stage, seconds in stages.cpu.items()}
     rsa_part = per_mail.pop(RSA, 0.0)
     measured = sum(per_mail.values())
+    print(machine())
     print(f"{args.mails} mails through Pipeline.process in one thread; CPU µs per mail\n")
     print(f"{'stage':28}{'in the pipeline':>17}{'alone':>10}{'ratio':>9}")
     for stage, seconds in sorted(per_mail.items(), key=lambda item: -item[1]):

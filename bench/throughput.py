@@ -36,6 +36,7 @@ from bench.harness import (  # noqa: E402
     bench_settings,
     cpu_seconds,
     delete_queues,
+    machine,
     peak_rss_mb,
     percentile,
     process_tree,
@@ -311,6 +312,7 @@ def main() -> int:
     with bench_settings() as settings, smtp_sink() as sink:
         # One connection per thread, as the naive actor has: no thread waits for a free one.
         apply_tenant(settings, bench_tenant(sink.port, key_file, max_connections=args.threads), workdir)
+        print(machine())
         print(
             f"workload: {args.mails} invoices of ~{len(json.dumps(workload('bench', 1)[0])) // 1024} KB JSON "
             f"(PDF ~25 KB), DKIM rsa-sha256 2048, archive BCC, {args.processes} processes × {args.threads} threads"
