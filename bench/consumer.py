@@ -30,10 +30,11 @@ import pika  # noqa: E402
 from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer  # noqa: E402
 from dramatiq.middleware import CurrentMessage  # noqa: E402
 
-from bench.harness import bench_settings, delete_queues, machine  # noqa: E402
+from bench.harness import bench_settings, machine  # noqa: E402
 from bench.throughput import workload  # noqa: E402
 from producer.confirms import publish_confirmed  # noqa: E402
 from producer.envelope import encode_job  # noqa: E402
+from producer.queues import delete_queues  # noqa: E402
 from schemas.constants import DOCUMENTS_QUEUE, actor_of  # noqa: E402
 from schemas.job import Job  # noqa: E402
 from worker.broker import make_broker  # noqa: E402

@@ -17,12 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pika
 import psycopg
 import yaml
 from cryptography.hazmat.backends.openssl import backend
 
-import producer.queues
+from producer.queues import delete_queues
 from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE, queue_name
 from worker.db import connect, drop_database, ensure_database, upgrade
 from worker.settings import Settings
@@ -82,14 +81,6 @@ def bench_settings(**overrides: Any) -> Iterator[Settings]:
             [queue_name(settings.queue_prefix, lane) for lane in (DOCUMENTS_QUEUE, RECEIPTS_QUEUE)],
         )
         drop_database(url)
-
-
-def delete_queues(broker_url: str, queues: list[str]) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
-    channel = connection.channel()
-    for queue in queues:
-        producer.queues.delete_queues(channel, queue)
-    connection.close()
 
 
 def apply_tenant(settings: Settings, tenant: dict[str, Any], workdir: Path) -> None:

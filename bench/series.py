@@ -131,7 +131,7 @@ def scenario(
     sender.join()
     opened = connections_opened(scenario_settings.metrics_port)
     stop(worker)
-    from bench.harness import delete_queues
+    from producer.queues import delete_queues
     from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE, queue_name
 
     delete_queues(

@@ -35,7 +35,6 @@ from bench.harness import (  # noqa: E402
     apply_tenant,
     bench_settings,
     cpu_seconds,
-    delete_queues,
     machine,
     peak_rss_mb,
     percentile,
@@ -46,6 +45,7 @@ from bench.harness import (  # noqa: E402
     stop,
 )
 from producer import publish  # noqa: E402
+from producer.queues import delete_queues  # noqa: E402
 from schemas.job import Job  # noqa: E402
 from worker.dkim_keys import dns_record, generate_private_key, private_key_pem  # noqa: E402
 from worker.documents import make_job  # noqa: E402

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pika
 import psycopg
 import pytest
 import yaml
@@ -59,11 +58,10 @@ def settings() -> Iterator[Settings]:
 
 
 def delete_queues(settings: Settings) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
-    channel = connection.channel()
-    for lane in (DOCUMENTS_QUEUE, RECEIPTS_QUEUE):
-        producer.queues.delete_queues(channel, queue_name(settings.queue_prefix, lane))
-    connection.close()
+    producer.queues.delete_queues(
+        settings.broker_url,
+        [queue_name(settings.queue_prefix, lane) for lane in (DOCUMENTS_QUEUE, RECEIPTS_QUEUE)],
+    )
 
 
 def settings_env(settings: Settings, **overrides: Any) -> dict[str, str]:
