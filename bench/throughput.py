@@ -5,9 +5,10 @@
 Both run RabbitMQ → worker processes → PostgreSQL look-ups → DKIM rsa-sha256 (2048)
 → SMTP to Postfix's ``smtp-sink`` on this machine, on invoices of ~30 KB with a
 distinct ~25 KB PDF each, archive BCC on, series limits too high to throttle.
-Prints mails/s, worker CPU ms per mail, peak RSS per worker process, latency
-publish → accepted (p50/p95) at half the measured maximum rate, the ratios, and
-the producer's publish rate for 10,000 jobs.
+Prints mails/s and worker CPU ms per mail (both counted once the first tenth of
+the mails has arrived, so worker start-up stays out), peak RSS per worker
+process, latency publish → accepted (p50/p95) at half the measured maximum rate,
+the ratios, and the producer's publish rate for 10,000 jobs.
 """
 
 from __future__ import annotations
@@ -103,15 +104,19 @@ def bench_tenant(smtp_port: int, key_file: Path, *, max_connections: int = 3) ->
 def wait_for(
     sink: SmtpSinkProcess, root: int, total: int, timeout: float
 ) -> tuple[float, float, int, list[int]]:
-    """Seconds and worker CPU between the first and the last arrival, how many arrived in that
-    span, and the worker processes (the tree under ``root`` once mail flows)."""
+    """Seconds and worker CPU from the arrival of the first tenth of ``total`` to the last arrival,
+    how many arrived in that span, and the worker processes (the tree under ``root`` by then).
+
+    Start-up (imports, first connections, keys loaded, the second process still starting while the
+    first sends) stays out of the per-mail figures, for either worker alike."""
     deadline = time.monotonic() + timeout
     first_at = first_cpu = None
     first_count = 0
+    warm = max(1, total // 10)
     pids: list[int] = []
     while time.monotonic() < deadline:
         count = sink.count()
-        if first_at is None and count:
+        if first_at is None and count >= warm:
             pids = process_tree(root)
             first_at, first_cpu, first_count = time.monotonic(), cpu_seconds(pids), count
         if count >= total:
@@ -315,7 +320,8 @@ def main() -> int:
         print(machine())
         print(
             f"workload: {args.mails} invoices of ~{len(json.dumps(workload('bench', 1)[0])) // 1024} KB JSON "
-            f"(PDF ~25 KB), DKIM rsa-sha256 2048, archive BCC, {args.processes} processes × {args.threads} threads"
+            f"(PDF ~25 KB), DKIM rsa-sha256 2048, archive BCC, {args.processes} processes × {args.threads} threads; "
+            "mails/s and CPU counted from the first tenth's arrival on"
         )
 
         ours, worker = run_postbote(settings, workload("bench", args.mails), sink, args, workdir)
