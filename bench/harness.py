@@ -22,7 +22,7 @@ import yaml
 from cryptography.hazmat.backends.openssl import backend
 
 from producer.queues import delete_queues
-from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE, queue_name
+from schemas.constants import lane_queues
 from worker.db import connect, drop_database, ensure_database, upgrade
 from worker.settings import Settings
 from worker.sink import free_port
@@ -76,10 +76,7 @@ def bench_settings(**overrides: Any) -> Iterator[Settings]:
     finally:
         while _SPAWNED:
             stop(_SPAWNED.pop())
-        delete_queues(
-            settings.broker_url,
-            [queue_name(settings.queue_prefix, lane) for lane in (DOCUMENTS_QUEUE, RECEIPTS_QUEUE)],
-        )
+        delete_queues(settings.broker_url, lane_queues(settings.queue_prefix))
         drop_database(url)
 
 

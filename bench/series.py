@@ -27,6 +27,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session  # noqa: E402
 
 from bench.harness import apply_tenant, bench_settings, machine, percentile, start_workers, stop  # noqa: E402
 from producer import publish  # noqa: E402
+from producer.queues import delete_queues  # noqa: E402
+from schemas.constants import lane_queues  # noqa: E402
 from schemas.job import Job  # noqa: E402
 from worker.documents import make_job  # noqa: E402
 from worker.settings import Settings  # noqa: E402
@@ -131,12 +133,7 @@ def scenario(
     sender.join()
     opened = connections_opened(scenario_settings.metrics_port)
     stop(worker)
-    from producer.queues import delete_queues
-    from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE, queue_name
-
-    delete_queues(
-        settings.broker_url, [queue_name(prefix, lane) for lane in (DOCUMENTS_QUEUE, RECEIPTS_QUEUE)]
-    )
+    delete_queues(settings.broker_url, lane_queues(prefix))
     arrivals = sorted(a[0] for a in handler.arrivals)
     # the rate over the steady part: from the 10th to the last arrival
     span = arrivals[-1] - arrivals[min(9, len(arrivals) - 1)]

@@ -2,6 +2,7 @@
 
 DOCUMENTS_QUEUE = "documents"
 RECEIPTS_QUEUE = "receipts"
+LANES = (DOCUMENTS_QUEUE, RECEIPTS_QUEUE)
 
 SEND_DOCUMENT_ACTOR = "send_document"
 SEND_RECEIPT_ACTOR = "send_receipt"
@@ -22,6 +23,11 @@ METRIC_QUEUE_MESSAGES = "postbote_queue_messages"
 def queue_name(prefix: str, lane: str) -> str:
     """The RabbitMQ queue of a lane (``documents`` or ``receipts``) under a prefix."""
     return f"{prefix}.{lane}" if prefix else lane
+
+
+def lane_queues(prefix: str) -> list[str]:
+    """The RabbitMQ queues of both lanes under a prefix."""
+    return [queue_name(prefix, lane) for lane in LANES]
 
 
 def lane_of(doc_type: str) -> str:

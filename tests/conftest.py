@@ -18,7 +18,7 @@ import yaml
 
 import producer.queues
 from producer import publish
-from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE, queue_name
+from schemas.constants import lane_queues
 from schemas.job import Job
 from worker.db import Connection, connect, drop_database, ensure_database, upgrade
 from worker.settings import Settings
@@ -58,10 +58,7 @@ def settings() -> Iterator[Settings]:
 
 
 def delete_queues(settings: Settings) -> None:
-    producer.queues.delete_queues(
-        settings.broker_url,
-        [queue_name(settings.queue_prefix, lane) for lane in (DOCUMENTS_QUEUE, RECEIPTS_QUEUE)],
-    )
+    producer.queues.delete_queues(settings.broker_url, lane_queues(settings.queue_prefix))
 
 
 def settings_env(settings: Settings, **overrides: Any) -> dict[str, str]:

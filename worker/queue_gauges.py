@@ -36,15 +36,13 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from schemas import constants as names
-from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE, queue_name
+from schemas.constants import LANES, queue_name
 from worker.db import connect
 from worker.errors import BrokerUnavailable, DatabaseUnavailable
 from worker.queue_stats import count_ready, read_dead_letters
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-LANES = (DOCUMENTS_QUEUE, RECEIPTS_QUEUE)
 
 
 class StartedMarks:
@@ -163,4 +161,4 @@ class QueueGauges:
             logger.info("queue gauges: the %s can be read again", source)
 
 
-__all__ = ["LANES", "QueueGauges", "StartedMarks", "oldest_age"]
+__all__ = ["QueueGauges", "StartedMarks", "oldest_age"]

@@ -23,11 +23,9 @@ from pydantic import ValidationError
 
 from producer.queues import declare_queues
 from schemas.constants import (
-    DOCUMENTS_QUEUE,
-    RECEIPTS_QUEUE,
     SEND_DOCUMENT_ACTOR,
     SEND_RECEIPT_ACTOR,
-    queue_name,
+    lane_queues,
 )
 from schemas.job import Job
 from worker.db import connect
@@ -94,8 +92,7 @@ def sweep_once(settings: Settings) -> int:
     try:
         channel = connection.channel()
         with connect(settings.database_url) as conn:
-            for lane in (DOCUMENTS_QUEUE, RECEIPTS_QUEUE):
-                queue = queue_name(settings.queue_prefix, lane)
+            for queue in lane_queues(settings.queue_prefix):
                 declare_queues(channel, queue)
                 while True:
                     method, _, body = channel.basic_get(f"{queue}.XQ", auto_ack=False)

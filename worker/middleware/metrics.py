@@ -17,7 +17,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware
 
-from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE, queue_name
+from schemas.constants import LANES, queue_name
 from worker import metrics
 from worker.queue_gauges import StartedMarks
 
@@ -31,7 +31,7 @@ class Metrics(Middleware):
     """
 
     def __init__(self, prefix: str, started: StartedMarks | None = None) -> None:
-        self._lanes = {queue_name(prefix, lane): lane for lane in (DOCUMENTS_QUEUE, RECEIPTS_QUEUE)}
+        self._lanes = {queue_name(prefix, lane): lane for lane in LANES}
         self._started = started
         self._start_times: dict[str, float] = {}
         self._delayed: set[str] = set()
