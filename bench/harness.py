@@ -104,10 +104,12 @@ def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
 
 
 def start_workers(
-    settings: Settings, *, processes: int, threads: int, log: Path, **overrides: Any
+    settings: Settings, *, processes: int, threads: int, log: Path, pin_cpus: bool = False, **overrides: Any
 ) -> subprocess.Popen[bytes]:
     cli = [sys.executable, "-m", "worker", "worker"]
     argv = [*cli, "--processes", str(processes), "--threads", str(threads)]
+    if pin_cpus:
+        argv.append("--pin-cpus")
     return spawn(argv, env_for(settings, **overrides), log)
 
 

@@ -1,6 +1,6 @@
 """Throughput of the real pipeline against the naive worker, side by side, on one workload.
 
-    python bench/throughput.py [--mails 3000] [--processes 2] [--threads 8]
+    python bench/throughput.py [--mails 3000] [--processes 2] [--threads 8] [--no-pin-cpus]
 
 Both run RabbitMQ → worker processes → PostgreSQL look-ups → DKIM rsa-sha256 (2048)
 → SMTP to Postfix's ``smtp-sink`` on this machine, on invoices of ~30 KB with a
@@ -8,7 +8,8 @@ distinct ~25 KB PDF each, archive BCC on, series limits too high to throttle.
 Prints mails/s and worker CPU ms per mail (both counted once the first tenth of
 the mails has arrived, so worker start-up stays out), peak RSS per worker
 process, latency publish → accepted (p50/p95) at half the measured maximum rate,
-the ratios, and the producer's publish rate for 10,000 jobs.
+the ratios, and the producer's publish rate for 10,000 jobs. postbote runs with
+``--pin-cpus`` unless told otherwise; the naive worker as dramatiq starts it.
 """
 
 from __future__ import annotations
@@ -139,7 +140,11 @@ def run_postbote(
         queue_prefix=settings.queue_prefix,
     )
     worker = start_workers(
-        settings, processes=args.processes, threads=args.threads, log=workdir / "postbote.log"
+        settings,
+        processes=args.processes,
+        threads=args.threads,
+        log=workdir / "postbote.log",
+        pin_cpus=args.pin_cpus,
     )
     seconds, cpu, counted, pids = wait_for(sink, worker.pid, len(jobs), timeout=600)
     return Run("postbote", counted, seconds, cpu, peak_rss_mb(pids[1:])), worker
@@ -277,7 +282,11 @@ def backlog_memory(
         publish(small[i : i + 10_000], broker_url=settings.broker_url, queue_prefix=settings.queue_prefix)
     sink.clear()
     worker = start_workers(
-        settings, processes=args.processes, threads=args.threads, log=workdir / "backlog.log"
+        settings,
+        processes=args.processes,
+        threads=args.threads,
+        log=workdir / "backlog.log",
+        pin_cpus=args.pin_cpus,
     )
     samples = []
     try:
@@ -300,6 +309,12 @@ def main() -> int:
     parser.add_argument("--mails", type=int, default=3000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument(
+        "--pin-cpus",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run postbote with --pin-cpus (default: yes)",
+    )
     parser.add_argument("--publish-jobs", type=int, default=10_000)
     parser.add_argument(
         "--scaling-mails", type=int, default=1500, help="per run of the 1/2/4-process scaling (0: skip)"
@@ -320,7 +335,8 @@ def main() -> int:
         print(machine())
         print(
             f"workload: {args.mails} invoices of ~{len(json.dumps(workload('bench', 1)[0])) // 1024} KB JSON "
-            f"(PDF ~25 KB), DKIM rsa-sha256 2048, archive BCC, {args.processes} processes × {args.threads} threads; "
+            f"(PDF ~25 KB), DKIM rsa-sha256 2048, archive BCC, {args.processes} processes × {args.threads} threads"
+            f"{' (postbote with --pin-cpus)' if args.pin_cpus else ''}; "
             "mails/s and CPU counted from the first tenth's arrival on"
         )
 

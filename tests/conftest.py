@@ -130,7 +130,15 @@ def make_tenant(settings: Settings, sink: Sink, tmp_path: Path) -> Callable[...,
 class RunningWorker:
     """``postbote worker`` as a subprocess with its own log file."""
 
-    def __init__(self, settings: Settings, *, processes: int = 1, threads: int = 4, **overrides: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        processes: int = 1,
+        threads: int = 4,
+        options: tuple[str, ...] = (),
+        **overrides: Any,
+    ) -> None:
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"postbote-worker-{uuid.uuid4().hex[:8]}.log"
         self.metrics_port = int(overrides.pop("metrics_port", free_port()))
         with self.log_path.open("w") as log:
@@ -144,6 +152,7 @@ class RunningWorker:
                     str(processes),
                     "--threads",
                     str(threads),
+                    *options,
                 ],
                 env=settings_env(settings, metrics_port=self.metrics_port, **overrides),
                 stdout=log,

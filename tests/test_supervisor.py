@@ -1,4 +1,5 @@
-"""The supervisor replaces a killed worker process; the dead process's counters stay, its gauges go."""
+"""The supervisor replaces a killed worker process; the dead process's counters stay, its gauges go,
+and with ``--pin-cpus`` the replacement runs on the dead process's CPU."""
 
 from __future__ import annotations
 
@@ -66,5 +67,36 @@ def test_a_killed_worker_process_is_replaced_and_its_in_progress_gauge_dropped(
             what="the dead process's in-progress gauge gone",
         )
         assert sample(text, METRIC_MAILS_SENT, tenant=quick) == 2
+    finally:
+        running.stop()
+
+
+def _thread_cpus(pid: int) -> set[frozenset[int]]:
+    """The CPU sets of every thread of ``pid``."""
+    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_pinned_worker_processes_run_on_a_cpu_each_and_a_replacement_on_the_dead_ones(
+    own_queues: Settings,
+) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    running = RunningWorker(own_queues, processes=2, threads=2, options=("--pin-cpus",))
+    try:
+        pids = wait_for(
+            lambda: p if len(p := _ready_pids(running.output())) == 2 else None, what="two processes"
+        )
+        placed = {pid: _thread_cpus(pid) for pid in pids}
+        assert all(len(threads) == 1 for threads in placed.values())
+        assert {cpu_set for threads in placed.values() for cpu_set in threads} == {
+            frozenset({cpus[0]}),
+            frozenset({cpus[1 % len(cpus)]}),
+        }
+
+        os.kill(pids[0], signal.SIGKILL)
+
+        [replacement] = wait_for(
+            lambda: r if len(r := _ready_pids(running.output())[2:]) == 1 else None, what="a replacement"
+        )
+        assert _thread_cpus(replacement) == placed[pids[0]]
     finally:
         running.stop()

@@ -7,6 +7,7 @@ never wait for a thread busy with a dunning run.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -31,13 +32,16 @@ def run_worker_process(
     receipt_threads: int,
     started: StartedMarks | None = None,
     holder: str | None = None,
+    cpu: int | None = None,
 ) -> None:
     """Entry point of a spawned worker process; returns after SIGTERM once in-flight jobs are done.
 
     ``started`` is the supervisor's shared record of what was started, for the queue-age gauge;
     ``holder`` names this process's claims in the ledger, so the supervisor can
-    release them when it sees the process die.
+    release them when it sees the process die. ``cpu`` pins every thread of the process to that CPU.
     """
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     settings = Settings.model_validate(settings_data)
     configure_logging(settings.log_format)
     stop = threading.Event()
@@ -54,7 +58,12 @@ def run_worker_process(
         worker = Worker(broker, queues={queue}, worker_threads=count, worker_timeout=100)
         worker.start()
         lanes.append((broker, worker))
-    logger.info("worker process ready: %d bulk threads, %d receipt threads", threads, receipt_threads)
+    logger.info(
+        "worker process ready: %d bulk threads, %d receipt threads%s",
+        threads,
+        receipt_threads,
+        f", on CPU {cpu}" if cpu is not None else "",
+    )
     stop.wait()
     logger.info("stopping: finishing in-flight jobs, handing back prefetched ones")
     # Both lanes stop at once, so together they take at most one grace period.

@@ -32,8 +32,14 @@ from worker.sweeper import sweep_forever
 logger = logging.getLogger(__name__)
 
 
-def supervise(settings: Settings, *, processes: int, threads: int, receipt_threads: int) -> int:
-    """Run ``processes`` worker processes until SIGTERM or SIGINT; returns the exit code (0)."""
+def supervise(
+    settings: Settings, *, processes: int, threads: int, receipt_threads: int, pin_cpus: bool = False
+) -> int:
+    """Run ``processes`` worker processes until SIGTERM or SIGINT; returns the exit code (0).
+
+    With ``pin_cpus`` the n-th process runs on the n-th CPU this process may use (round robin),
+    and a replacement on the CPU of the process it replaces.
+    """
     # A fresh directory per run: files left by an earlier run (or another
     # supervisor on the host) would otherwise be added to this run's counters.
     metrics_dir = tempfile.mkdtemp(prefix="postbote-metrics-")
@@ -44,14 +50,15 @@ def supervise(settings: Settings, *, processes: int, threads: int, receipt_threa
     gauges = QueueGauges(settings, started)
 
     holders: dict[int, str] = {}
+    cpus = cpu_placement(processes) if pin_cpus else [None] * processes
 
-    def start() -> BaseProcess:
+    def start(slot: int) -> BaseProcess:
         from worker.process import run_worker_process
 
         holder = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
         process = context.Process(
             target=run_worker_process,
-            args=(settings_data, threads, receipt_threads, started, holder),
+            args=(settings_data, threads, receipt_threads, started, holder, cpus[slot]),
             daemon=False,
         )
         process.start()
@@ -63,7 +70,7 @@ def supervise(settings: Settings, *, processes: int, threads: int, receipt_threa
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     server = _serve_http(settings, gauges)
     threading.Thread(target=gauges.run, args=(stop,), name="queue-gauges", daemon=True).start()
-    children = [start() for _ in range(processes)]
+    children = [start(slot) for slot in range(processes)]
     threading.Thread(target=sweep_forever, args=(settings, stop), name="xq-sweeper", daemon=True).start()
     logger.info(
         "postbote worker: %d processes × %d threads (+%d for receipts), metrics on :%d",
@@ -81,7 +88,7 @@ def supervise(settings: Settings, *, processes: int, threads: int, receipt_threa
                     )
                     _mark_dead(child)
                     _release_claims(settings, holders.pop(id(child), ""))
-                    children[i] = start()
+                    children[i] = start(i)
     finally:
         for child in children:
             if child.is_alive() and child.pid is not None:
@@ -97,6 +104,12 @@ def supervise(settings: Settings, *, processes: int, threads: int, receipt_threa
             server.shutdown()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def cpu_placement(processes: int) -> list[int | None]:
+    """The CPU of each worker process: round robin over the CPUs the supervisor may run on."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return [cpus[slot % len(cpus)] for slot in range(processes)]
 
 
 def _release_claims(settings: Settings, holder: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from worker.cli.output import fail
@@ -18,6 +19,11 @@ def register(subparsers: Any) -> None:
     worker.add_argument(
         "--receipt-threads", type=_positive, default=2, help="receipt-lane threads per process (default 2)"
     )
+    worker.add_argument(
+        "--pin-cpus",
+        action="store_true",
+        help="run each worker process on one CPU of its own, round robin (Linux; for hosts given to postbote)",
+    )
     worker.set_defaults(func=run_worker)
     check = subparsers.add_parser("check", help="exit 0 when broker and database are reachable")
     check.set_defaults(func=run_check)
@@ -27,8 +33,14 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     from worker.supervisor import supervise
 
     configure_logging(settings.log_format)
+    if args.pin_cpus and not hasattr(os, "sched_setaffinity"):
+        return fail("--pin-cpus needs an operating system that can pin processes to CPUs (Linux)", code=2)
     return supervise(
-        settings, processes=args.processes, threads=args.threads, receipt_threads=args.receipt_threads
+        settings,
+        processes=args.processes,
+        threads=args.threads,
+        receipt_threads=args.receipt_threads,
+        pin_cpus=args.pin_cpus,
     )
 
 
