@@ -128,6 +128,12 @@ def wait_for(
     raise SystemExit(f"bench: only {sink.count()} of {total} mails arrived within {timeout:.0f}s")
 
 
+def start_postbote(settings: Settings, args: argparse.Namespace, log: Path) -> subprocess.Popen[bytes]:
+    return start_workers(
+        settings, processes=args.processes, threads=args.threads, log=log, pin_cpus=args.pin_cpus
+    )
+
+
 def run_postbote(
     settings: Settings,
     jobs: list[dict[str, Any]],
@@ -140,13 +146,7 @@ def run_postbote(
         broker_url=settings.broker_url,
         queue_prefix=settings.queue_prefix,
     )
-    worker = start_workers(
-        settings,
-        processes=args.processes,
-        threads=args.threads,
-        log=workdir / "postbote.log",
-        pin_cpus=args.pin_cpus,
-    )
+    worker = start_postbote(settings, args, workdir / "postbote.log")
     seconds, cpu, counted, pids = wait_for(sink, worker.pid, len(jobs), timeout=600)
     return Run("postbote", counted, seconds, cpu, peak_rss_mb(pids[1:])), worker
 
@@ -282,13 +282,7 @@ def backlog_memory(
     for i in range(0, len(small), 10_000):
         publish(small[i : i + 10_000], broker_url=settings.broker_url, queue_prefix=settings.queue_prefix)
     sink.clear()
-    worker = start_workers(
-        settings,
-        processes=args.processes,
-        threads=args.threads,
-        log=workdir / "backlog.log",
-        pin_cpus=args.pin_cpus,
-    )
+    worker = start_postbote(settings, args, workdir / "backlog.log")
     samples = []
     try:
         for target in (args.backlog // 50, args.backlog // 10, args.backlog // 5, args.backlog * 3 // 10):

@@ -50,7 +50,7 @@ def supervise(
     gauges = QueueGauges(settings, started)
 
     holders: dict[int, str] = {}
-    cpus = cpu_placement(processes) if pin_cpus else [None] * processes
+    cpus = cpu_placement(processes) if pin_cpus else []
 
     def start(slot: int) -> BaseProcess:
         from worker.process import run_worker_process
@@ -58,7 +58,7 @@ def supervise(
         holder = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
         process = context.Process(
             target=run_worker_process,
-            args=(settings_data, threads, receipt_threads, started, holder, cpus[slot]),
+            args=(settings_data, threads, receipt_threads, started, holder, cpus[slot] if cpus else None),
             daemon=False,
         )
         process.start()
@@ -106,7 +106,7 @@ def supervise(
     return 0
 
 
-def cpu_placement(processes: int) -> list[int | None]:
+def cpu_placement(processes: int) -> list[int]:
     """The CPU of each worker process: round robin over the CPUs the supervisor may run on."""
     cpus = sorted(os.sched_getaffinity(0))
     return [cpus[slot % len(cpus)] for slot in range(processes)]
