@@ -161,10 +161,115 @@ class SilentAfterData(FaultyHandler):
         return await super().handle_DATA(server, session, envelope)
 
 
+class _ConnectionCountingSMTP(SMTP):
+    """Tells its ``RecipientRules`` handler when the client's connection opens and closes."""
+
+    _counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None  # STARTTLS calls this again for the same connection
+        super().connection_made(transport)
+        if first and isinstance(self.event_handler, RecipientRules):
+            self._counted = True
+            self.event_handler.connection_opened()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        try:
+            super().connection_lost(error)
+        finally:
+            if self._counted and isinstance(self.event_handler, RecipientRules):
+                self._counted = False
+                self.event_handler.connection_closed()
+
+
+class RecipientRules(FaultyHandler):
+    """Answers RCPT TO per address from a script of replies, like a greylisting or corporate gateway.
+
+    ``rules[address]`` lists the replies to successive RCPTs naming that address, counted across
+    all connections; ``None`` accepts, the last entry repeats, unlisted addresses are accepted,
+    and a "421" reply also hangs up. Assigning a new list restarts that address's script.
+    With ``per_transaction``, a RCPT beyond that many accepted recipients in one transaction gets
+    452 without using up a script entry.
+    """
+
+    server_class = _ConnectionCountingSMTP
+
+    def __init__(
+        self,
+        maildir: Path,
+        *,
+        rules: dict[str, list[str | None]] | None = None,
+        per_transaction: int | None = None,
+    ) -> None:
+        super().__init__(maildir)
+        self.rules: dict[str, list[str | None]] = rules if rules is not None else {}
+        self.per_transaction = per_transaction
+        self.rcpt_seen: Counter[str] = Counter()
+        """RCPT commands per lowercased address, whatever the answer."""
+        self.open_connections = 0
+        self.max_open_connections = 0
+        """The most connections open at once since ``reset_connection_peak()``."""
+        self._positions: dict[str, tuple[list[str | None], int]] = {}
+
+    def _script_for(self, key: str) -> list[str | None] | None:
+        rules = list(self.rules.items())  # a test may add rules from its own thread meanwhile
+        return next((script for address, script in rules if address.lower() == key), None)
+
+    def _next_reply(self, key: str) -> str | None:
+        script = self._script_for(key)
+        if not script:
+            return None
+        played, used = self._positions.get(key, (script, 0))
+        if played is not script:
+            used = 0
+        self._positions[key] = (script, used + 1)
+        return script[min(used, len(script) - 1)]
+
+    async def handle_RCPT(  # noqa: N802
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        key = address.lower()
+        with self._lock:
+            self.rcpt_seen[key] += 1
+            if self.per_transaction is not None and len(envelope.rcpt_tos) >= self.per_transaction:
+                return "452 4.5.3 Too many recipients"
+            reply = self._next_reply(key)
+        if reply is None:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+            return "250 OK"
+        if reply.startswith("421"):
+            asyncio.get_running_loop().call_soon(_hang_up, server)
+        return reply
+
+    def delivered_to(self, address: str) -> int:
+        """How many stored messages name ``address`` (any case) in their envelope."""
+        key = address.lower()
+        with self._lock:
+            return sum(1 for record in self.received if any(r.lower() == key for r in record.rcpt_tos))
+
+    def connection_opened(self) -> None:
+        """Called by the server when a client connects."""
+        with self._lock:
+            self.open_connections += 1
+            self.max_open_connections = max(self.max_open_connections, self.open_connections)
+
+    def connection_closed(self) -> None:
+        """Called by the server when a client's connection is gone."""
+        with self._lock:
+            self.open_connections -= 1
+
+    def reset_connection_peak(self) -> None:
+        """Starts ``max_open_connections`` afresh from the connections open now."""
+        with self._lock:
+            self.max_open_connections = self.open_connections
+
+
 __all__ = [
     "DisconnectMidSession",
     "FaultyHandler",
     "RecipientLimit",
+    "RecipientRules",
     "RefuseRecipients",
     "RejectAfterData",
     "SilentAfterData",

@@ -39,6 +39,8 @@ class RecordingHandler:
     """
 
     pipelining = True
+    server_class: type[SMTP] = SMTP
+    """The aiosmtpd ``SMTP`` (sub)class the ``Sink`` serves this handler with."""
 
     def __init__(self, maildir: Path) -> None:
         self.maildir = maildir
@@ -96,6 +98,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
+class _Controller(Controller):
+    def factory(self) -> SMTP:
+        server_class: type[SMTP] = self.handler.server_class
+        return server_class(self.handler, **self.SMTP_kwargs)
+
+
 class Sink:
     """A running sink; ``stop()`` shuts it down."""
 
@@ -113,7 +121,7 @@ class Sink:
         self.handler = handler or RecordingHandler(maildir)
         self.host = host
         self.port = port or free_port(host)
-        self.controller = Controller(
+        self.controller = _Controller(
             self.handler, hostname=host, port=self.port, ready_timeout=10, **smtp_kwargs
         )
         self.controller.start()
