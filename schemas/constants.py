@@ -45,6 +45,7 @@ METRIC_POSSIBLE_DUPLICATES = "postbote_possible_duplicates_total"
 METRIC_RETRIES = "postbote_retries_total"
 METRIC_DEAD_LETTERED = "postbote_dead_lettered_total"
 METRIC_SMTP_CONNECTIONS_OPENED = "postbote_smtp_connections_opened_total"
+METRIC_RECIPIENTS = "postbote_recipients_total"
 
 DEAD_LETTER_QUEUE_LABEL = "dead"
 """The ``queue`` label of the dead-letter store (the PostgreSQL table ``dead_letters``)."""

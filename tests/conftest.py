@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from schemas.constants import lane_queues
 from schemas.job import Job
 from worker.db import Connection, connect, drop_database, ensure_database, upgrade
 from worker.settings import Settings
-from worker.sink import Sink, free_port
+from worker.sink import RecordingHandler, Sink, free_port
 from worker.tenant_apply import apply_tenants, read_tenant_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +105,28 @@ def sink(tmp_path: Path) -> Iterator[Sink]:
     running = Sink(tmp_path / "maildir")
     yield running
     running.stop()
+
+
+@pytest.fixture
+def faulty_sink(tmp_path: Path) -> Iterator[Callable[..., Sink]]:
+    """Start a sink with the given handler class; stopped after the test."""
+    started: list[Sink] = []
+
+    def start(
+        handler: type[RecordingHandler], smtp_kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> Sink:
+        maildir = tmp_path / f"maildir-{len(started)}"
+        sink = Sink(maildir, handler=handler(maildir, **options), **(smtp_kwargs or {}))
+        started.append(sink)
+        return sink
+
+    yield start
+    for sink in started:
+        sink.stop()
+    with warnings.catch_warnings():
+        # aiosmtpd leaves the server side of a failed STARTTLS handshake for the collector.
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 @pytest.fixture

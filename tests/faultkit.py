@@ -221,11 +221,10 @@ def assert_sent_once_or_dead(
     dead = dead_reasons(db, job_ids)
     for job_id, row in rows.items():
         if row["status"] in ("sent", "partial"):
-            refused = set(row["refused"] or {})
-            accepted = [r for r in row["recipients"] if r not in refused]
             allowed = {1, 2} if possible_duplicates and row["takeovers"] > 0 else {1}
-            for rcpt in accepted:
-                assert copies[(job_id, rcpt)] in allowed, (job_id, rcpt, copies[(job_id, rcpt)], row)
+            for rcpt, (_, state) in recipient_states(db, job_id).items():
+                expected = allowed if state == "accepted" else {0}
+                assert copies[(job_id, rcpt)] in expected, (job_id, rcpt, state, copies[(job_id, rcpt)], row)
             assert job_id not in dead, (job_id, dead[job_id])
         else:
             assert row["reason"], row
@@ -234,6 +233,14 @@ def assert_sent_once_or_dead(
             )
             assert not [k for k in copies if k[0] == job_id], f"dead job {job_id} arrived anyway"
     return rows
+
+
+def recipient_states(db: Connection, job_id: str) -> dict[str, tuple[str, str]]:
+    """Each envelope recipient of a job with its role and state, as the ledger has them."""
+    rows = db.execute(
+        "SELECT address, role, state FROM delivery_recipients WHERE job_id = %s ORDER BY position", (job_id,)
+    ).fetchall()
+    return {str(r["address"]): (str(r["role"]), str(r["state"])) for r in rows}
 
 
 def wait_dead(db: Connection, entry_id: str, timeout: float = 30) -> dict[str, Any]:
@@ -281,6 +288,7 @@ __all__ = [
     "dramatiq_message",
     "own_queues",
     "publish_raw",
+    "recipient_states",
     "wait_dead",
     "wait_status",
     "worker_children",

@@ -11,17 +11,22 @@ from typing import Any
 from schemas.job import Job
 from worker.compose import compose_message
 from worker.documents import make_job
+from worker.recipients import Recipient, Recipients, Role, customer_recipients
 from worker.senders import Sender
 
 ANNA = Sender("anna@acme.example", "Anna Berg", None, None)
 
 
-def compose(
-    sender: Sender = ANNA, cc: list[str] | None = None, blind: list[str] | None = None, **job: Any
-) -> tuple[bytes, EmailMessage]:
+def envelope(job: Job, cc: tuple[str, ...] = (), internal: tuple[Recipient, ...] = ()) -> Recipients:
+    own = customer_recipients(job)
+    return Recipients((*own.cc, *cc), (*own.envelope, *internal))
+
+
+def compose(sender: Sender = ANNA, cc: tuple[str, ...] = (), **job: Any) -> tuple[bytes, EmailMessage]:
     data = make_job("acme", "invoice", 1, user_id="u1", to="kunde@example.com")
     data.update(job)
-    composed = compose_message(Job.model_validate(data), sender, cc or [], blind or [])
+    parsed = Job.model_validate(data)
+    composed = compose_message(parsed, sender, envelope(parsed, cc))
     message = email.message_from_bytes(composed.data, policy=policy.default)
     assert isinstance(message, EmailMessage)
     return composed.data, message
@@ -94,20 +99,24 @@ def test_many_recipients_are_folded_between_addresses() -> None:
 
 def test_blind_recipients_are_in_the_envelope_only() -> None:
     data = make_job("acme", "invoice", 1, user_id="u1", to="kunde@example.com", bcc=["geheim@example.net"])
+    job = Job.model_validate(data)
     composed = compose_message(
-        Job.model_validate(data), ANNA, [], ["geheim@example.net", "archiv@acme.example"]
+        job, ANNA, envelope(job, internal=(Recipient("archiv@acme.example", Role.ARCHIVE),))
     )
     assert composed.recipients == ("kunde@example.com", "geheim@example.net", "archiv@acme.example")
+    assert composed.internal == {"archiv@acme.example"}
     assert b"geheim" not in composed.data and b"archiv" not in composed.data
 
 
 def test_an_idn_domain_is_written_as_punycode() -> None:
     data = make_job("acme", "invoice", 1, user_id="u1", to="kunde@bücher.example")
-    composed = compose_message(Job.model_validate(data), ANNA, [], [])
+    job = Job.model_validate(data)
+    composed = compose_message(job, ANNA, customer_recipients(job))
     assert composed.recipients == ("kunde@xn--bcher-kva.example",)
     assert b"To: kunde@xn--bcher-kva.example" in composed.data
 
 
 def test_a_non_ascii_local_part_needs_smtputf8() -> None:
     data = make_job("acme", "invoice", 1, user_id="u1", to="jürgen@example.com")
-    assert compose_message(Job.model_validate(data), ANNA, [], []).smtputf8
+    job = Job.model_validate(data)
+    assert compose_message(job, ANNA, customer_recipients(job)).smtputf8

@@ -52,14 +52,47 @@ def test_status_shows_the_delivery_record(
     record = json.loads(result.stdout)
     assert record["status"] == "sent"
     assert record["sender"] == "anna@acme.example"
-    assert record["recipients"] == ["kunde@example.com"]
+    [recipient] = record["recipients"]
+    assert (recipient["address"], recipient["role"], recipient["state"]) == (
+        "kunde@example.com",
+        "to",
+        "accepted",
+    )
+    assert recipient["reply"].startswith("250")
+    [attempt] = record["history"]
+    assert attempt["outcome"] == "sent"
+    assert attempt["recipients"] == [
+        {"address": "kunde@example.com", "role": "to", "reply": recipient["reply"]}
+    ]
     assert record["smtp_reply"].startswith("250")
+    assert record["next_attempt_at"] is None
 
 
-def test_status_of_an_unknown_job_says_so(settings: Settings) -> None:
+def test_status_of_an_unknown_job_says_no_worker_has_seen_it(settings: Settings) -> None:
     result = postbote(settings, "status", "00000000-0000-0000-0000-000000000000")
     assert result.returncode == 1
-    assert "no delivery record" in result.stderr
+    assert "no worker has seen it yet" in result.stderr
+
+
+def test_status_by_document_lists_its_jobs_newest_first(
+    settings: Settings, worker: RunningWorker, sink: Sink, make_tenant: Any, db: Connection
+) -> None:
+    tenant = make_tenant()
+    first = make_job(tenant, "invoice", 7, user_id="u1", to="kunde@example.com")
+    again = {**make_job(tenant, "invoice", 7, user_id="u1", to="kunde@example.com")}
+    ids = send_jobs(settings, [first])
+    wait_final(db, ids)
+    ids += send_jobs(settings, [again])
+    wait_final(db, ids)
+    result = postbote(
+        settings, "status", "--document", "invoice", first["document"]["number"], "--tenant", tenant
+    )
+    assert result.returncode == 0, result.stderr
+    assert [r["job_id"] for r in json.loads(result.stdout)] == ids[::-1]
+    unknown = postbote(settings, "status", "--document", "invoice", "RE-0000-NONE", "--tenant", tenant)
+    assert unknown.returncode == 1
+    assert "no worker has seen one yet" in unknown.stderr
+    assert postbote(settings, "status", "--document", "bill", "1").returncode == 2
 
 
 def test_a_redelivered_job_is_not_sent_twice(

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import RunningWorker, postbote, received_messages, send_jobs, wait_final
+from tests.faultkit import recipient_states
 from worker.db import Connection
 from worker.documents import make_job
 from worker.settings import Settings
@@ -61,13 +62,14 @@ def acme(make_tenant: Any) -> Any:
 
 @pytest.fixture
 def deliver(settings: Settings, worker: RunningWorker, sink: Sink, db: Connection) -> Any:
-    """Send one job through the pipeline; returns its ledger row and, if sent, envelope and message."""
+    """Send one job through the pipeline; returns its ledger row (with ``roles``: each recipient's
+    role and state) and, if sent, envelope and message."""
 
     def run(tenant: str, doc_type: str, user_id: str, **extra: Any) -> tuple[dict[str, Any], Any, Any]:
         before = len(sink.handler.received)
         job = make_job(tenant, doc_type, 1, user_id=user_id, to="kunde@example.com", **extra)
         [job_id] = send_jobs(settings, [job])
-        row = wait_final(db, [job_id])[job_id]
+        row = {**wait_final(db, [job_id])[job_id], "roles": recipient_states(db, job_id)}
         if row["status"] != "sent":
             return row, None, None
         record, message = received_messages(sink, count=before + 1)[before]
@@ -102,7 +104,10 @@ def test_a_document_sender_not_granted_is_refused_and_nothing_is_sent(
     status = json.loads(postbote(settings, "status", str(row["job_id"])).stdout)
     assert status["reason"] == "sender_not_permitted"
     assert status["sender"] == "rechnung@acme.example"
-    assert status["recipients"] == ["kunde@example.com", "archiv@acme.example"]
+    assert [(r["address"], r["role"], r["state"]) for r in status["recipients"]] == [
+        ("kunde@example.com", "to", "pending"),
+        ("archiv@acme.example", "archive", "pending"),
+    ]
 
 
 def test_an_explicit_from_must_be_granted(acme: Any, deliver: Any) -> None:
@@ -156,7 +161,7 @@ def test_the_clerk_is_cc_when_someone_else_sends(acme: Any, deliver: Any) -> Non
     row, record, message = deliver(acme(), "invoice", "u2", clerk_id="u1")
     assert message["Cc"] == "anna@acme.example"
     assert "anna@acme.example" in record.rcpt_tos
-    assert "anna@acme.example" in row["recipients"]
+    assert row["roles"]["anna@acme.example"] == ("clerk", "accepted")
 
 
 def test_no_clerk_cc_when_the_clerk_sends_the_document(acme: Any, deliver: Any) -> None:
@@ -180,7 +185,8 @@ def test_the_archive_gets_a_blind_copy_that_no_header_shows(acme: Any, deliver: 
     row, record, message = deliver(acme(), "invoice", "u2", bcc=["steuerberater@example.net"])
     assert "archiv@acme.example" in record.rcpt_tos
     assert "steuerberater@example.net" in record.rcpt_tos
-    assert "archiv@acme.example" in row["recipients"]
+    assert row["roles"]["archiv@acme.example"] == ("archive", "accepted")
+    assert row["roles"]["steuerberater@example.net"] == ("bcc", "accepted")
     raw = message.as_bytes().lower()
     assert b"archiv@acme.example" not in raw
     assert b"steuerberater" not in raw

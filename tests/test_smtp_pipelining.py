@@ -14,7 +14,7 @@ from worker.compose import Composed
 from worker.errors import SmtpRejected, SmtpTemporaryFailure
 from worker.sink import Sink
 from worker.sink.faults import FaultyHandler, RecipientLimit, RefuseRecipients, TemporaryFailures
-from worker.smtp import SmtpPool
+from worker.smtp import Delivery, SmtpPool
 
 
 class BufferAtMail(FaultyHandler):
@@ -36,6 +36,15 @@ class RejectSender(FaultyHandler):
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
         return "550 5.7.1 Sender not allowed"
+
+
+def deliver(pool: SmtpPool, sink: Sink, composed: Composed) -> Delivery:
+    """Deliver and raise the failure of an attempt that reached nobody, as the worker judges it."""
+    delivery = pool.deliver("acme", server_of(sink), composed)
+    failure = delivery.failure()
+    if failure is not None:
+        raise failure
+    return delivery
 
 
 @pytest.fixture(params=[True, False], ids=["pipelining", "one-by-one"])
@@ -101,7 +110,7 @@ def test_every_recipient_refused_is_permanent_and_nothing_is_sent(
 ) -> None:
     sink = start_sink(RefuseRecipients, refuse={"weg@example.com", "auch@example.com"})
     with pytest.raises(SmtpRejected, match="every recipient refused") as refused:
-        pool.deliver("acme", server_of(sink), message("weg@example.com", "auch@example.com"))
+        deliver(pool, sink, message("weg@example.com", "auch@example.com"))
     assert refused.value.smtp_reply == "550 5.1.1 No such user"
     pool.deliver("acme", server_of(sink), message("da@example.com", n=2))
     assert [r.rcpt_tos for r in sink.handler.received] == [["da@example.com"]]
@@ -112,7 +121,7 @@ def test_a_refused_sender_is_permanent_with_the_servers_reply(
 ) -> None:
     sink = start_sink(RejectSender)
     with pytest.raises(SmtpRejected, match="MAIL FROM: 550 5.7.1 Sender not allowed"):
-        pool.deliver("acme", server_of(sink), message("b@example.com"))
+        deliver(pool, sink, message("b@example.com"))
     assert sink.handler.received == []
 
 
@@ -121,7 +130,7 @@ def test_a_temporary_refusal_after_data_is_transient_and_the_next_mail_goes_thro
 ) -> None:
     sink = start_sink(TemporaryFailures, times=1)
     with pytest.raises(SmtpTemporaryFailure, match="DATA: 451"):
-        pool.deliver("acme", server_of(sink), message("b@example.com"))
+        deliver(pool, sink, message("b@example.com"))
     pool.deliver("acme", server_of(sink), message("b@example.com"))
     assert [r.rcpt_tos for r in sink.handler.received] == [["b@example.com"]]
 

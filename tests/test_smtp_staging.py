@@ -173,7 +173,7 @@ def test_partial_refusal_and_a_452_continue_as_in_an_unstaged_send(
     ]
 
 
-def test_an_envelope_refused_entirely_is_left_to_the_ordinary_send_which_classifies_it(
+def test_an_envelope_refused_entirely_is_reported_without_asking_the_server_again(
     start_sink: Callable[..., Sink], opened: Opened
 ) -> None:
     sink = start_sink(RefuseRecipients, refuse={"nobody@example.com"})
@@ -181,10 +181,11 @@ def test_an_envelope_refused_entirely_is_left_to_the_ordinary_send_which_classif
     pool = SmtpPool(timeout_ms=200, on_connect=opened)
     try:
         with pool.staged("acme", server, message("nobody@example.com")) as staged:
-            assert staged is None
-            with pytest.raises(SmtpRejected) as caught:
-                pool.deliver("acme", server, message("nobody@example.com"))
-        assert caught.value.reason == "recipients_refused"
+            assert staged is not None
+            failure = staged.deliver().failure()
+        assert isinstance(failure, SmtpRejected)
+        assert failure.reason == "recipients_refused"
+        assert sink.handler.mail_commands == ["a@acme.example"]
         # The connection went back exactly once: one bulk send can stage, a second cannot.
         with (
             pool.staged("acme", server, message("a@example.com", n=2)) as first,

@@ -24,13 +24,16 @@ from pydantic import ValidationError
 from schemas.constants import RECEIPTS_QUEUE, actor_of, queue_name
 from schemas.job import DocumentType, Job
 from worker import metrics
-from worker.compose import compose_message
+from worker.addresses import needs_smtputf8
+from worker.compose import Composed, compose_message
 from worker.db import make_pool
 from worker.deadletter import dead_entry, store_dead_job
 from worker.dkim import DkimSigner, load_signer, sign_message
 from worker.errors import (
     ClaimedElsewhere,
     DatabaseUnavailable,
+    DeliveryDeferred,
+    DeliveryFailed,
     InvalidJob,
     OutcomeUnrecorded,
     PermanentError,
@@ -39,19 +42,23 @@ from worker.errors import (
 )
 from worker.ledger import (
     Claim,
+    Progress,
     claim_job,
+    load_progress,
+    record_attempt,
     record_failure,
     record_given_up,
-    record_sent,
     release_claim,
     renew_claim,
 )
 from worker.logs import log_outcome
-from worker.middleware.retries import UNRECORDED_OUTCOME
+from worker.middleware.retries import UNRECORDED_OUTCOME, retry_delay_ms
+from worker.outcome import AttemptRecord, Fate, State, Status, settle
 from worker.ratelimit import PostgresBackend, SeriesLimiter, Throttled
-from worker.senders import copy_recipients, resolve_sender
+from worker.recipients import Recipients, recipients_for
+from worker.senders import resolve_sender
 from worker.settings import Settings
-from worker.smtp import SmtpPool
+from worker.smtp import SmtpPool, SmtpReply
 from worker.tenants import Account, AccountCache
 
 logger = logging.getLogger(__name__)
@@ -141,7 +148,7 @@ class Pipeline:
         carried = message.options.get(UNRECORDED_OUTCOME) if message else None
         try:
             if carried is not None:
-                self._finish_sent(job, carried, started)
+                self._conclude(job, AttemptRecord.from_json(carried), started)
             else:
                 self._send(job, data, started)
         except Throttled as e:
@@ -195,17 +202,12 @@ class Pipeline:
             metrics.POSSIBLE_DUPLICATES.labels(job.tenant).inc()
 
         account = self.accounts.get(job.tenant)
-        cc, blind = copy_recipients(job, account)
-        try:
-            sender = resolve_sender(job, account)
-        except SenderNotPermitted as refused:
-            refused.recipients = [*job.to, *cc, *blind]
-            raise
-        message = compose_message(job, sender, cc, blind)
-        if account.dkim is not None:
-            signing_started = time.monotonic()
-            message = replace(message, data=sign_message(message.data, self._signer(account)))
-            metrics.DKIM_SIGN_SECONDS.observe(time.monotonic() - signing_started)
+        earlier = None
+        if claim.attempts > 1:
+            with self.db.connection() as conn:
+                earlier = load_progress(conn, job.job_id)
+        message, fates = self._message(job, account, earlier)
+        attempt_started = time.time()
         receipt = job.document.type is DocumentType.RECEIPT
         # Throttled mail says MAIL FROM and RCPT TO while it waits for its slot, so only DATA
         # is left once the series opens.
@@ -235,26 +237,94 @@ class Pipeline:
             else:
                 delivery = self.smtp.deliver(account.id, account.smtp, message)
             metrics.SMTP_SEND_SECONDS.labels(job.tenant).observe(time.monotonic() - sent_at)
-        outcome = {
-            "sender": message.mail_from,
-            "recipients": list(message.recipients),
-            "message_id": message.message_id,
-            "smtp_reply": str(delivery.reply),
-            "refused": {address: str(reply) for address, reply in delivery.refused.items()},
-        }
-        self._finish_sent(job, outcome, started)
+        verdict = settle(fates, delivery)
+        current = CurrentMessage.get_current_message()
+        waiting = verdict.status is Status.RETRYING
+        record = AttemptRecord(
+            job_id=job.job_id,
+            attempt=claim.attempts,
+            started_at=attempt_started,
+            duration_ms=round((time.time() - attempt_started) * 1000),
+            worker=self.holder,
+            tried=message.recipients,
+            sender=message.mail_from,
+            message_id=message.message_id,
+            reply=str(delivery.error) if delivery.error is not None else _reply_text(delivery.reply),
+            verdict=verdict,
+            message=message.data if waiting and verdict.reached else None,
+            next_attempt_ms=retry_delay_ms(current, self.settings) if waiting and current else None,
+        )
+        self._conclude(job, record, started)
 
-    def _finish_sent(self, job: Job, outcome: dict[str, Any], started: float) -> None:
-        status = self._record_sent_durably(job.job_id, outcome)
+    def _message(
+        self, job: Job, account: Account, earlier: Progress | None
+    ) -> tuple[Composed, tuple[Fate, ...]]:
+        """The message of this attempt and the recipients' fates before it.
+
+        A job some recipients already got goes to the ones still pending with the very
+        bytes the others got; otherwise it is composed and signed anew, for the recipients
+        not yet refused for good.
+        """
+        if earlier is not None and earlier.fates:
+            pending = [f for f in earlier.fates if f.state is State.PENDING]
+            reached = any(f.role.customer_facing and f.state is State.ACCEPTED for f in earlier.fates)
+            internal = frozenset(
+                () if reached else (f.address for f in pending if not f.role.customer_facing)
+            )
+            addresses = tuple(f.address for f in pending)
+            if earlier.message is not None and earlier.sender and earlier.message_id:
+                kept = Composed(
+                    data=earlier.message,
+                    mail_from=earlier.sender,
+                    recipients=addresses,
+                    message_id=earlier.message_id,
+                    smtputf8=any(needs_smtputf8(a) for a in (earlier.sender, *addresses)),
+                    internal=internal,
+                )
+                return kept, earlier.fates
+            composed = self._compose(job, account)
+            return replace(composed, recipients=addresses, internal=internal), earlier.fates
+        recipients = recipients_for(job, account)
+        return self._compose(job, account, recipients), tuple(
+            Fate(r.address, r.role) for r in recipients.envelope
+        )
+
+    def _compose(self, job: Job, account: Account, recipients: Recipients | None = None) -> Composed:
+        recipients = recipients or recipients_for(job, account)
+        message = compose_message(job, resolve_sender(job, account), recipients)
+        if account.dkim is not None:
+            signing_started = time.monotonic()
+            message = replace(message, data=sign_message(message.data, self._signer(account)))
+            metrics.DKIM_SIGN_SECONDS.observe(time.monotonic() - signing_started)
+        return message
+
+    def _conclude(self, job: Job, record: AttemptRecord, started: float) -> None:
+        """Record an attempt and act on its verdict: count a sent job, or raise for a retry or the
+        dead-letter queue (the ledger then already holds the outcome)."""
+        status = self._record_durably(record)
+        verdict = record.verdict
+        for fate in verdict.settled:
+            metrics.RECIPIENTS.labels(job.tenant, fate.role.value, fate.state.value).inc()
+        if status is Status.RETRYING:
+            raise DeliveryDeferred(
+                verdict.detail or "recipients waiting", reason=verdict.reason, smtp_reply=verdict.smtp_reply
+            )
+        if status is Status.FAILED:
+            raise DeliveryFailed(
+                verdict.detail or "no recipient accepted",
+                reason=verdict.reason,
+                smtp_reply=verdict.smtp_reply,
+            )
         metrics.MAILS_SENT.labels(job.tenant, job.document.type.value).inc()
+        refused = [f.address for f in verdict.fates if f.state is State.REFUSED]
         log_outcome(
-            status,
+            status.value,
             job_id=job.job_id,
             tenant=job.tenant,
             document=f"{job.document.type.value} {job.document.number}",
-            sender=outcome["sender"],
-            smtp_reply=outcome["smtp_reply"],
-            refused=",".join(outcome["refused"]) or None,
+            sender=record.sender,
+            smtp_reply=verdict.smtp_reply,
+            refused=",".join(refused) or None,
             duration_ms=round((time.monotonic() - started) * 1000),
         )
 
@@ -267,8 +337,8 @@ class Pipeline:
         self.brokers[message.queue_name].enqueue(message.copy(), delay=delay_ms)
         log_outcome(outcome, job_id=job.job_id, tenant=job.tenant, retry_in_ms=delay_ms)
 
-    def _record_sent_durably(self, job_id: UUID, outcome: dict[str, Any]) -> str:
-        """After the server accepted the mail, the ledger write must not be lost to a database blip.
+    def _record_durably(self, record: AttemptRecord) -> Status:
+        """After the server answered, the ledger write must not be lost to a database blip.
         Retry it briefly; a longer outage raises ``OutcomeUnrecorded`` so the outcome rides with
         the requeued message and the next delivery records it without sending again."""
         deadline = time.monotonic() + 2 * self.settings.smtp_timeout_ms / 1000
@@ -276,13 +346,13 @@ class Pipeline:
         while True:
             try:
                 with self.db.connection() as conn:
-                    return record_sent(conn, job_id, **outcome)
+                    return record_attempt(conn, record)
             except DatabaseUnavailable as e:
                 if time.monotonic() > deadline:
                     raise OutcomeUnrecorded(
-                        f"sent, but the ledger is unavailable: {e}", outcome=outcome
+                        f"attempted, but the ledger is unavailable: {e}", outcome=record.to_json()
                     ) from e
-                logger.warning("ledger write for sent job %s failed; retrying in %.1fs", job_id, delay)
+                logger.warning("ledger write for job %s failed; retrying in %.1fs", record.job_id, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -291,7 +361,7 @@ class Pipeline:
         # A reused job id must touch neither the original job's ledger row nor its dead entry.
         conflict = error.reason == "job_id_conflict"
         with self.db.connection() as conn:
-            if not conflict:
+            if not conflict and not isinstance(error, DeliveryFailed):
                 refused = error if isinstance(error, SenderNotPermitted) else None
                 record_failure(
                     conn,
@@ -301,7 +371,7 @@ class Pipeline:
                     detail=str(error),
                     smtp_reply=error.smtp_reply,
                     sender=refused.sender if refused else None,
-                    recipients=refused.recipients if refused else None,
+                    recipients=recipients_for(job, self.accounts.get(job.tenant)).envelope if refused else (),
                 )
             store_dead_job(
                 conn,
@@ -321,16 +391,19 @@ class Pipeline:
 
     def _retry_later(self, job: Job, error: TransientError, started: float) -> None:
         metrics.RETRIES.labels(job.tenant, job.document.type.value, error.reason).inc()
+        message = CurrentMessage.get_current_message()
         try:
-            with self.db.connection() as conn:
-                record_failure(
-                    conn,
-                    job.job_id,
-                    final=False,
-                    reason=error.reason,
-                    detail=str(error),
-                    smtp_reply=error.smtp_reply,
-                )
+            if not isinstance(error, DeliveryDeferred):
+                with self.db.connection() as conn:
+                    record_failure(
+                        conn,
+                        job.job_id,
+                        final=False,
+                        reason=error.reason,
+                        detail=str(error),
+                        smtp_reply=error.smtp_reply,
+                        next_attempt_ms=retry_delay_ms(message, self.settings) if message else None,
+                    )
         except DatabaseUnavailable:
             pass
         _log_failure("retrying", job, error, started)
@@ -346,10 +419,21 @@ class Pipeline:
         except ValidationError:
             job = None
         with self.db.connection() as conn:
-            if job is not None and not record_given_up(
-                conn, job, payload_digest(data), reason=reason, detail=detail, smtp_reply=smtp_reply
-            ):
-                return
+            verdict = None
+            if job is not None:
+                verdict = record_given_up(
+                    conn, job, payload_digest(data), reason=reason, detail=detail, smtp_reply=smtp_reply
+                )
+                if verdict is None:
+                    return
+                for fate in verdict.settled:
+                    metrics.RECIPIENTS.labels(job.tenant, fate.role.value, fate.state.value).inc()
+                if verdict.status is not Status.FAILED:
+                    metrics.MAILS_SENT.labels(job.tenant, job.document.type.value).inc()
+                    log_outcome(
+                        verdict.status.value, job_id=job.job_id, tenant=job.tenant, detail=verdict.detail
+                    )
+                    return
             store_dead_job(
                 conn,
                 dead_entry(
@@ -381,6 +465,10 @@ class Pipeline:
             )
         metrics.DEAD_LETTERED.labels("unknown", "unknown", error.reason).inc()
         log_outcome("failed", job_id=job_id, reason=error.reason, detail=str(error))
+
+
+def _reply_text(reply: SmtpReply | None) -> str | None:
+    return str(reply) if reply is not None else None
 
 
 def _log_failure(outcome: str, job: Job, error: PermanentError | TransientError, started: float) -> None:

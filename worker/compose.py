@@ -21,7 +21,8 @@ from uuid import UUID
 
 from schemas.constants import DOCUMENT_HEADER, JOB_HEADER
 from schemas.job import Attachment, Job
-from worker.addresses import address_key, ascii_address, needs_smtputf8
+from worker.addresses import ascii_address, needs_smtputf8
+from worker.recipients import Recipients
 from worker.senders import Sender
 
 CRLF = b"\r\n"
@@ -42,6 +43,8 @@ class Composed:
     recipients: tuple[str, ...]
     message_id: str
     smtputf8: bool
+    internal: frozenset[str] = frozenset()
+    """Recipients of internal copies: they go only in a transaction that reaches a customer-facing one."""
 
 
 def message_id_for(job_id: UUID, sender: str) -> str:
@@ -50,12 +53,14 @@ def message_id_for(job_id: UUID, sender: str) -> str:
 
 
 def compose_message(
-    job: Job, sender: Sender, cc: list[str], blind: list[str], *, now: datetime | None = None
+    job: Job, sender: Sender, recipients: Recipients, *, now: datetime | None = None
 ) -> Composed:
-    """The message bytes (CRLF line ends) and envelope; ``blind`` recipients never appear in a header."""
+    """The message bytes (CRLF line ends) and envelope; only ``recipients.cc`` and the job's
+    ``to`` appear in a header."""
     headers_to = [ascii_address(a) for a in job.to]
-    headers_cc = [ascii_address(a) for a in cc]
-    envelope = _unique([*headers_to, *headers_cc, *(ascii_address(a) for a in blind)])
+    headers_cc = list(recipients.cc)
+    envelope = tuple(r.address for r in recipients.envelope)
+    internal = frozenset(r.address for r in recipients.envelope if not r.role.customer_facing)
     mail_from = ascii_address(sender.address)
     smtputf8 = needs_smtputf8(mail_from) or any(needs_smtputf8(a) for a in envelope)
     message_id = message_id_for(job.job_id, mail_from)
@@ -79,7 +84,12 @@ def compose_message(
     part_headers, body = _body(job, sender)
     data = CRLF.join([*headers, *part_headers]) + CRLF + CRLF + body
     return Composed(
-        data=data, mail_from=mail_from, recipients=tuple(envelope), message_id=message_id, smtputf8=smtputf8
+        data=data,
+        mail_from=mail_from,
+        recipients=envelope,
+        message_id=message_id,
+        smtputf8=smtputf8,
+        internal=internal,
     )
 
 
@@ -180,13 +190,6 @@ def _with_html_signature(body: str, sender: Sender) -> str:
     block = f'<div class="signature">-- <br>\n{signature}</div>'
     end = body.lower().rfind("</body>")
     return f"{body[:end]}{block}\n{body[end:]}" if end >= 0 else f"{body}\n{block}"
-
-
-def _unique(addresses: list[str]) -> list[str]:
-    seen: dict[str, str] = {}
-    for a in addresses:
-        seen.setdefault(address_key(a), a)
-    return list(seen.values())
 
 
 __all__ = ["Composed", "compose_message", "message_id_for"]

@@ -13,19 +13,25 @@ from dataclasses import dataclass
 from email import policy
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import yaml
 
 from producer import parse_jobs, publish
 from worker.db import connect, ensure_database, upgrade
 from worker.documents import make_job
+from worker.ledger import delivery_record
 from worker.probes import check_broker, check_database
 from worker.settings import Settings
 from worker.sink import Sink, free_port, read_index
+from worker.sink.faults import RecipientRules
 from worker.tenant_apply import apply_tenants, read_tenant_file
 
 UNLOADED_TENANT = "acme-nord"
 """A branch the ERP already sends for, but whose tenant nobody has loaded yet."""
+GREYLISTED = "kunde-grau@example.com"
+"""A customer whose mail server greylists: it answers 451 to the first attempt."""
+GREYLISTING = {GREYLISTED: ["451 4.7.1 greylisted, please try again later", None]}
 
 
 @dataclass(frozen=True)
@@ -94,8 +100,9 @@ def demo_tenants(smtp_port: int) -> dict[str, Any]:
 
 
 def demo_jobs(count: int) -> list[Expectation]:
-    """Invoices, offers, dunning letters and receipts, one sender the rules refuse, and one job for
-    a branch whose tenant is not loaded yet: both end in the dead-letter queue."""
+    """Invoices, offers, dunning letters and receipts, one invoice to a greylisting customer (sent
+    on the retry), one sender the rules refuse, and one job for a branch whose tenant is not
+    loaded yet: those two end in the dead-letter queue."""
     expectations = []
     for n in range(count):
         kind = n % 6
@@ -109,6 +116,8 @@ def demo_jobs(count: int) -> list[Expectation]:
         else:
             job = make_job("bistro", "receipt", n, user_id="k1", to=customer)
         expectations.append(Expectation(job, "sent"))
+    greylisted = make_job("acme", "invoice", count + 2, user_id="u2", clerk_id="u1", to=GREYLISTED)
+    expectations.append(Expectation(greylisted, "sent"))
     refused = make_job("acme", "invoice", count, user_id="u3", to="kunde-x@example.com")
     expectations.append(Expectation(refused, "sender_not_permitted"))
     branch = make_job(UNLOADED_TENANT, "order", count + 1, user_id="u1", to="kunde-nord@example.com")
@@ -125,7 +134,7 @@ def run_demo(settings: Settings, *, count: int, processes: int, threads: int, wo
     with connect(settings.database_url) as conn:
         upgrade(conn)
     run_dir = workdir / time.strftime("%Y%m%d-%H%M%S")
-    sink = Sink(run_dir / "maildir")
+    sink = Sink(run_dir / "maildir", handler=RecipientRules(run_dir / "maildir", rules=GREYLISTING))
     say(f"SMTP sink listening on 127.0.0.1:{sink.port}, storing mail in {sink.handler.maildir}")
     tenant_path = run_dir / "tenants.yaml"
     tenant_path.write_text(yaml.safe_dump(demo_tenants(sink.port), allow_unicode=True, sort_keys=False))
@@ -168,7 +177,7 @@ def _publish_and_watch(settings: Settings, sink: Sink, run_dir: Path, count: int
     ids = publish(jobs, broker_url=settings.broker_url, queue_prefix=settings.queue_prefix)
     say(f"published {len(ids)} documents ({Counter(e.job['document']['type'] for e in expectations)})")
     final: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + max(120, count)
+    deadline = time.monotonic() + max(120, count) + settings.max_backoff_ms / 1000
     last_progress = ""
     while time.monotonic() < deadline:
         with connect(settings.database_url) as conn:
@@ -191,7 +200,13 @@ def _publish_and_watch(settings: Settings, sink: Sink, run_dir: Path, count: int
         time.sleep(0.5)
     elapsed = time.monotonic() - started
     say("")
-    return _summary(expectations, final, sink.handler.maildir, elapsed, run_dir, say)
+    status = _summary(expectations, final, sink.handler.maildir, elapsed, run_dir, say)
+    if status == 0:
+        _explain_greylisting(settings, expectations, say)
+        _explain_dead_letters(expectations, final, say)
+        say("\nEvery expected mail arrived; the greylisted customer got the invoice on the retry;")
+        say("the refused sender was refused.")
+    return status
 
 
 def _summary(
@@ -242,9 +257,24 @@ def _summary(
         for p in problems[:20]:
             say(f"  {p}")
         return 1
-    _explain_dead_letters(expectations, final, say)
-    say("\nEvery expected mail arrived; the refused sender was refused.")
     return 0
+
+
+def _explain_greylisting(settings: Settings, expectations: list[Expectation], say: Any) -> None:
+    job = next(e.job for e in expectations if e.job["to"] == [GREYLISTED])
+    with connect(settings.database_url) as conn:
+        record = delivery_record(conn, UUID(job["job_id"]))
+    if record is None:
+        return
+    say(f"\nGreylisting: {job['document']['number']} to {GREYLISTED} ({record['status']})")
+    for attempt in record["history"]:
+        say(f"  attempt {attempt['attempt']}: {attempt['outcome']}")
+        for r in attempt["recipients"]:
+            say(
+                f"    {r['role']:<8} {r['address']:<26} {r['reply'] or 'held back: no customer accepted yet'}"
+            )
+    say("  The clerk and archive copies waited for the customer; everyone got exactly one mail.")
+    say(f"  postbote status {job['job_id']}")
 
 
 def _explain_dead_letters(

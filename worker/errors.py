@@ -56,6 +56,11 @@ class ClaimedElsewhere(TransientError):
         self.retry_in_ms = retry_in_ms
 
 
+class DeliveryDeferred(SmtpTemporaryFailure):
+    """An attempt left customer-facing recipients (or an internal copy) to try again later.
+    The ledger already holds each recipient's state and when the next attempt is due."""
+
+
 class OutcomeUnrecorded(TransientError):
     """The SMTP server took the mail but the ledger could not be written.
 
@@ -99,12 +104,15 @@ class SenderNotPermitted(PermanentError):
 
     sender: str | None = None
     """The address the user may not send with."""
-    recipients: list[str] | None = None
-    """The envelope the mail would have had, for the ledger."""
 
 
 class SmtpRejected(PermanentError):
     reason = "smtp_rejected"
+
+
+class DeliveryFailed(SmtpRejected):
+    """An attempt's verdict: no customer-facing recipient got the mail, for good.
+    The ledger already holds each recipient's state and reply."""
 
 
 class ConfigurationError(PermanentError):
@@ -116,6 +124,8 @@ __all__ = [
     "ClaimedElsewhere",
     "ConfigurationError",
     "DatabaseUnavailable",
+    "DeliveryDeferred",
+    "DeliveryFailed",
     "InvalidJob",
     "OutcomeUnrecorded",
     "PermanentError",

@@ -18,8 +18,13 @@ _WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 
 MAILS_SENT = Counter(
     names.METRIC_MAILS_SENT.removesuffix("_total"),
-    "Mails accepted by the SMTP server.",
+    "Jobs that ended sent or partial (some customer-facing recipient accepted the mail).",
     ["tenant", "doc_type"],
+)
+RECIPIENTS = Counter(
+    names.METRIC_RECIPIENTS.removesuffix("_total"),
+    "Envelope recipients that accepted the mail or were refused for good, by role (to, cc, bcc, clerk, archive).",
+    ["tenant", "role", "outcome"],
 )
 MAILS_FAILED = Counter(
     names.METRIC_MAILS_FAILED.removesuffix("_total"),
@@ -123,6 +128,7 @@ __all__ = [
     "MAILS_SENT",
     "POSSIBLE_DUPLICATES",
     "RATELIMIT_WAIT_SECONDS",
+    "RECIPIENTS",
     "RETRIES",
     "SMTP_CONNECTIONS_OPENED",
     "SMTP_SEND_SECONDS",

@@ -48,24 +48,6 @@ def resolve_sender(job: Job, account: Account) -> Sender:
     )
 
 
-def copy_recipients(job: Job, account: Account) -> tuple[list[str], list[str]]:
-    """The Cc header list (with the clerk added where the rule asks) and the envelope-only list.
-
-    The clerk becomes CC when ``cc_clerk`` is set and someone else sends the
-    document. The archive address and the job's ``bcc`` go only into the envelope.
-    """
-    cc = list(job.cc)
-    if account.cc_clerk and job.clerk_id and job.clerk_id != job.user_id:
-        clerk = employee(account, job.clerk_id)
-        present = {address_key(a) for a in (*job.to, *cc, *job.bcc)}
-        if address_key(clerk.email) not in present:
-            cc.append(clerk.email)
-    blind = list(job.bcc)
-    if account.archive_bcc:
-        blind.append(account.archive_bcc)
-    return cc, blind
-
-
 def employee(account: Account, employee_id: str) -> Employee:
     try:
         return account.employees[employee_id]
@@ -73,4 +55,4 @@ def employee(account: Account, employee_id: str) -> Employee:
         raise UnknownUser(f"unknown user {employee_id!r} in tenant {account.id!r}") from None
 
 
-__all__ = ["Sender", "copy_recipients", "employee", "resolve_sender"]
+__all__ = ["Sender", "employee", "resolve_sender"]

@@ -19,6 +19,7 @@ from worker.compose import compose_message
 from worker.dkim import load_signer, sign_message
 from worker.errors import ConfigurationError, PostboteError, SenderNotPermitted
 from worker.hints import failure_hints, success_notes
+from worker.recipients import customer_recipients
 from worker.senders import Sender
 from worker.smtp import SmtpPool
 from worker.tenants import Account
@@ -124,9 +125,8 @@ def send_test_mail(
     )
     try:
         check_sender(account, sender)
-        message = compose_message(
-            _job(account, sender, to, now), Sender(sender, None, None, None), [], [], now=now
-        )
+        job = _job(account, sender, to, now)
+        message = compose_message(job, Sender(sender, None, None, None), customer_recipients(job), now=now)
         base = replace(base, message_id=message.message_id)
         if account.dkim is not None:
             signer = load_signer(account.dkim)
@@ -139,6 +139,9 @@ def send_test_mail(
             delivery = pool.deliver(account.id, smtp, message)
         finally:
             pool.close()
+        failure = delivery.failure()
+        if failure is not None:
+            raise failure
     except PostboteError as e:
         return replace(base, reason=e.reason, error=str(e), hints=failure_hints(e, account, sender=sender))
     return replace(

@@ -55,12 +55,20 @@ def backoff_ms(requeues: int, *, min_ms: int, max_ms: int, rng: random.Random | 
     return int((rng or random).uniform(base / 2, base))
 
 
+def retry_delay_ms(message: dramatiq.MessageProxy | dramatiq.Message[Any], settings: Settings) -> int:
+    """The backoff before ``message`` is tried again. The jitter is drawn from the message id
+    and its requeue count, so the actor can tell the ledger when the retry policy will retry."""
+    requeues = int(message.options.get(REQUEUES, 0))
+    rng = random.Random(f"{message.message_id}/{requeues}")
+    return backoff_ms(requeues, min_ms=settings.min_backoff_ms, max_ms=settings.max_backoff_ms, rng=rng)
+
+
 class RetryPolicy(Middleware):
     """Retry transient failures; dead-letter (and acknowledge) what cannot be retried any more."""
 
     def __init__(self, settings: Settings, give_up: GiveUp) -> None:
+        self.settings = settings
         self.max_attempts = settings.max_attempts
-        self.min_backoff_ms = settings.min_backoff_ms
         self.max_backoff_ms = settings.max_backoff_ms
         self.max_age_ms = settings.max_age_ms
         self.give_up = give_up
@@ -90,12 +98,11 @@ class RetryPolicy(Middleware):
                 return
             except DatabaseUnavailable as e:
                 logger.warning("cannot dead-letter message %s yet (%s); retrying it", message.message_id, e)
-        requeues = int(options.get(REQUEUES, 0))
+        delay = self._delay_ms(message, exception)
         options[FAILED_ATTEMPTS] = failed
-        options[REQUEUES] = requeues + 1
+        options[REQUEUES] = int(options.get(REQUEUES, 0)) + 1
         if isinstance(exception, OutcomeUnrecorded):
             options[UNRECORDED_OUTCOME] = exception.outcome
-        delay = self._delay_ms(exception, requeues)
         try:
             broker.enqueue(message.copy(), delay=delay)
         except Exception:
@@ -119,12 +126,20 @@ class RetryPolicy(Middleware):
             )
         return None
 
-    def _delay_ms(self, exception: BaseException, requeues: int) -> int:
+    def _delay_ms(self, message: dramatiq.MessageProxy, exception: BaseException) -> int:
         if isinstance(exception, ClaimedElsewhere):
             # Come back about when the other claim ends, not later than a normal backoff would.
             wait = exception.retry_in_ms + random.randint(50, 250)
             return min(wait, self.max_backoff_ms)
-        return backoff_ms(requeues, min_ms=self.min_backoff_ms, max_ms=self.max_backoff_ms)
+        return retry_delay_ms(message, self.settings)
 
 
-__all__ = ["FAILED_ATTEMPTS", "REQUEUES", "UNRECORDED_OUTCOME", "GiveUp", "RetryPolicy", "backoff_ms"]
+__all__ = [
+    "FAILED_ATTEMPTS",
+    "REQUEUES",
+    "UNRECORDED_OUTCOME",
+    "GiveUp",
+    "RetryPolicy",
+    "backoff_ms",
+    "retry_delay_ms",
+]

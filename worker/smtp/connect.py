@@ -35,6 +35,8 @@ class _Connection:
     last_used: float = field(default_factory=time.monotonic)
     tls_version: str | None = None
     auth_method: str | None = None
+    settings: object = None
+    """The pool's token for the tenant settings this connection was opened with."""
 
 
 def open_connection(smtp: Smtp, *, timeout_s: float) -> _Connection:

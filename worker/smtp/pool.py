@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from schemas.tenant import Smtp
 from worker.compose import Composed
@@ -38,6 +39,12 @@ class _Permits:
     def limit(self) -> int:
         return self._limit
 
+    def set_limit(self, limit: int) -> None:
+        """A new ``max_connections``; connections in use count against it until given back."""
+        with self._cond:
+            self._limit = limit
+            self._cond.notify_all()
+
     def take(self, timeout_s: float, *, leave_free: int = 0) -> bool:
         """Take one, waiting up to ``timeout_s`` until ``leave_free`` more stay free besides."""
         with self._cond:
@@ -53,6 +60,23 @@ class _Permits:
             self._cond.notify_all()
 
 
+@dataclass
+class _Tenant:
+    """One tenant's connections in this process, following its current SMTP settings.
+
+    ``settings`` is a token for those settings: a connection is tagged with the token it was
+    opened under, and pooled again only while the token is current. A change of settings
+    (any field: host, login, ``max_connections``, …) makes a new token and closes the idle
+    connections; those in use are closed when they come back.
+    """
+
+    smtp: Smtp
+    """The settings object seen last: AccountCache hands out the same one until it reloads."""
+    settings: object
+    permits: _Permits
+    idle: list[_Connection] = field(default_factory=list)
+
+
 class SmtpPool:
     """Reusable SMTP connections, a small pool per tenant in this worker process.
 
@@ -65,25 +89,36 @@ class SmtpPool:
         self._timeout_s = timeout_ms / 1000
         self._on_connect = on_connect
         self._lock = threading.Lock()
-        self._idle: dict[str, list[_Connection]] = {}
-        self._permits: dict[str, _Permits] = {}
+        self._tenants: dict[str, _Tenant] = {}
 
     def deliver(self, tenant_id: str, smtp: Smtp, message: Composed) -> Delivery:
-        """Send one message to its envelope recipients; raises a classified ``PostboteError``."""
-        permits = self._tenant_permits(tenant_id, smtp)
+        """Send one message to its envelope recipients: what the server said to each (see
+        :class:`Delivery`). No connection, or a failed login, raises a classified ``PostboteError``."""
+        permits, settings = self._current(tenant_id, smtp)
         if not permits.take(self._timeout_s * 2):
             raise SmtpConnectionError(f"no free SMTP connection for tenant {tenant_id!r}")
         conn = None
         try:
-            conn = self._take_idle(tenant_id) or self._open(tenant_id, smtp)
+            conn = self._take_idle(tenant_id, settings) or self._open(tenant_id, smtp, settings)
             delivery = _transact(conn, message)
         except BaseException:
             if conn is not None:
                 _quit(conn.client)
             permits.give()
             raise
-        self._put_back(tenant_id, smtp, conn, permits)
+        self._release(tenant_id, smtp, conn, permits, delivery)
         return delivery
+
+    def _release(
+        self, tenant_id: str, smtp: Smtp, conn: _Connection, permits: _Permits, delivery: Delivery
+    ) -> None:
+        """A connection after an attempt: pooled again, unless the attempt ended in an error or
+        the connection was dropped to abort a transaction."""
+        if delivery.error is None and conn.client.sock is not None:
+            self._put_back(tenant_id, smtp, conn, permits)
+        else:
+            _quit(conn.client)
+            permits.give()
 
     @contextmanager
     def staged(
@@ -97,11 +132,12 @@ class SmtpPool:
         takes any connection free right now and waits for none. Yields ``None``
         (send with :meth:`deliver` then) when the tenant has a single
         connection, none was free, or the server did not accept the envelope
-        promptly; an envelope it refused is left to :meth:`deliver`, which
-        classifies the refusal as always. A transaction not delivered when the
-        block ends is reset and its connection reused.
+        promptly. An envelope the server refused in part or entirely is staged
+        too: ``staged.deliver()`` then reports the refusals without asking the
+        server again. A transaction not delivered when the block ends is reset
+        and its connection reused.
         """
-        permits = self._tenant_permits(tenant_id, smtp)
+        permits, settings = self._current(tenant_id, smtp)
         if priority:
             free = permits.limit >= 2 and permits.take(0.0)
         else:
@@ -111,7 +147,7 @@ class SmtpPool:
             return
         staged = None
         try:
-            staged = self._stage(tenant_id, smtp, message, permits)
+            staged = self._stage(tenant_id, smtp, settings, message, permits)
         finally:
             if staged is None:
                 permits.give()
@@ -122,17 +158,21 @@ class SmtpPool:
                 staged.abandon()
 
     def close(self) -> None:
+        idle: list[_Connection] = []
         with self._lock:
-            idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for conn in conns:
-                _quit(conn.client)
+            for tenant in self._tenants.values():
+                idle += tenant.idle
+                tenant.idle = []
+        for conn in idle:
+            _quit(conn.client)
 
-    def _stage(self, tenant_id: str, smtp: Smtp, message: Composed, permits: _Permits) -> Staged | None:
-        conn = self._take_idle(tenant_id)
+    def _stage(
+        self, tenant_id: str, smtp: Smtp, settings: object, message: Composed, permits: _Permits
+    ) -> Staged | None:
+        conn = self._take_idle(tenant_id, settings)
         if conn is None:
             try:
-                conn = self._open(tenant_id, smtp)
+                conn = self._open(tenant_id, smtp, settings)
             except PostboteError:
                 return None  # deliver() tries again and reports the failure
         progress = _Progress(list(message.recipients))
@@ -147,10 +187,6 @@ class SmtpPool:
         except BaseException:
             _quit(conn.client)
             raise
-        if not progress.batch:
-            # Every recipient refused: deliver() repeats and reports it.
-            self._reset(tenant_id, conn)
-            return None
         return Staged(self, tenant_id, smtp, conn, message, progress, permits)
 
     def _reset(self, tenant_id: str, conn: _Connection) -> None:
@@ -162,42 +198,77 @@ class SmtpPool:
             code = 0
         if code == 250:
             conn.last_used = time.monotonic()
-            with self._lock:
-                self._idle.setdefault(tenant_id, []).append(conn)
-        else:
-            _quit(conn.client)
+            if self._pool_if_current(tenant_id, conn):
+                return
+        _quit(conn.client)
 
     def _put_back(self, tenant_id: str, smtp: Smtp, conn: _Connection, permits: _Permits) -> None:
         conn.sent += 1
         conn.last_used = time.monotonic()
-        if conn.sent >= smtp.max_messages_per_connection:
+        if conn.sent >= smtp.max_messages_per_connection or not self._pool_if_current(tenant_id, conn):
             _quit(conn.client)
-        else:
-            with self._lock:
-                self._idle.setdefault(tenant_id, []).append(conn)
         permits.give()
 
-    def _tenant_permits(self, tenant_id: str, smtp: Smtp) -> _Permits:
+    def _pool_if_current(self, tenant_id: str, conn: _Connection) -> bool:
+        """Make ``conn`` idle if it was opened with the tenant's current settings."""
         with self._lock:
-            return self._permits.setdefault(tenant_id, _Permits(smtp.max_connections))
+            tenant = self._tenants.get(tenant_id)
+            if tenant is None or conn.settings is not tenant.settings:
+                return False
+            tenant.idle.append(conn)
+            return True
 
-    def _take_idle(self, tenant_id: str) -> _Connection | None:
+    def _current(self, tenant_id: str, smtp: Smtp) -> tuple[_Permits, object]:
+        """The tenant's permits and the token of its settings ``smtp``, which become its current
+        settings if they differ: a new token, the new ``max_connections``, the idle connections closed."""
+        retired: list[_Connection] = []
+        with self._lock:
+            tenant = self._tenants.get(tenant_id)
+            if tenant is None:
+                tenant = self._tenants[tenant_id] = _Tenant(smtp, object(), _Permits(smtp.max_connections))
+            elif tenant.smtp is not smtp:
+                # By value only when the object changed, i.e. about once per settings cache reload.
+                if tenant.smtp != smtp:
+                    tenant.settings = object()
+                    tenant.permits.set_limit(smtp.max_connections)
+                    retired, tenant.idle = tenant.idle, []
+                tenant.smtp = smtp
+            current = tenant.permits, tenant.settings
+        _retire(retired)
+        return current
+
+    def _take_idle(self, tenant_id: str, settings: object) -> _Connection | None:
         now = time.monotonic()
         while True:
             with self._lock:
-                idle = self._idle.get(tenant_id)
-                if not idle:
+                tenant = self._tenants.get(tenant_id)
+                # The idle list holds only connections opened with the tenant's current settings.
+                if tenant is None or tenant.settings is not settings or not tenant.idle:
                     return None
-                conn = idle.pop()
+                conn = tenant.idle.pop()
             if now - conn.last_used < _IDLE_CLOSE_S:
                 return conn
             _quit(conn.client)
 
-    def _open(self, tenant_id: str, smtp: Smtp) -> _Connection:
+    def _open(self, tenant_id: str, smtp: Smtp, settings: object) -> _Connection:
         conn = open_connection(smtp, timeout_s=self._timeout_s)
+        conn.settings = settings
         if self._on_connect is not None:
             self._on_connect(tenant_id)
         return conn
+
+
+def _retire(conns: list[_Connection]) -> None:
+    """Say QUIT on idle connections whose settings changed, in the background: a server that
+    stopped answering (often why the settings changed) would hold up the send that noticed."""
+    if conns:
+        threading.Thread(target=_quit_all, args=(conns,), name="smtp-retire", daemon=True).start()
+
+
+def _quit_all(conns: list[_Connection]) -> None:
+    for conn in conns:
+        _set_timeout(conn.client, _STAGE_TIMEOUT_S)
+        _quit(conn.client)
 
 
 class Staged:
@@ -222,8 +293,7 @@ class Staged:
         self._permits = permits
 
     def deliver(self) -> Delivery:
-        """DATA, and any transactions a 452 left; raises a classified ``PostboteError`` like
-        :meth:`SmtpPool.deliver`."""
+        """DATA, and any transactions a 452 left, like :meth:`SmtpPool.deliver`."""
         conn, self._conn = self._conn, None
         if conn is None:
             raise RuntimeError("a staged transaction is delivered once")
@@ -233,7 +303,7 @@ class Staged:
             _quit(conn.client)
             self._permits.give()
             raise
-        self._pool._put_back(self._tenant_id, self._smtp, conn, self._permits)
+        self._pool._release(self._tenant_id, self._smtp, conn, self._permits, delivery)
         return delivery
 
     def abandon(self) -> None:

@@ -39,13 +39,39 @@ class SmtpReply:
 
 @dataclass(frozen=True)
 class Delivery:
-    """What the server said: the accepted envelope recipients, the refused ones and the final reply."""
+    """What the server said to one attempt, recipient by recipient.
+
+    ``accepted`` took the message (their transaction's DATA was answered 2xx, ``reply``).
+    ``refused`` were answered with a refusal, temporary (4xx) or permanent (5xx): at
+    RCPT TO, or by their transaction's DATA reply. Recipients in neither were not
+    answered: the attempt ended first (``error``: a lost connection, a timeout, a
+    refused MAIL FROM), or they are internal copies held back because no
+    customer-facing recipient was accepted.
+    """
 
     accepted: tuple[str, ...]
     refused: dict[str, SmtpReply]
-    reply: SmtpReply
+    reply: SmtpReply | None
+    error: SmtpTemporaryFailure | SmtpRejected | SmtpConnectionError | None = None
     tls_version: str | None = None
     auth_method: str | None = None
+
+    def failure(self) -> SmtpTemporaryFailure | SmtpRejected | SmtpConnectionError | None:
+        """The error of an attempt that reached nobody (``None`` when someone took the message)."""
+        if self.accepted:
+            return None
+        if self.error is not None:
+            return self.error
+        if not self.refused:
+            return SmtpConnectionError("no recipient was tried")
+        transient = [r for r in self.refused.values() if r.code < 500]
+        worst = transient[0] if transient else next(iter(self.refused.values()))
+        summary = "; ".join(f"{a}: {r}" for a, r in self.refused.items())
+        if transient:
+            return SmtpTemporaryFailure(f"no recipient accepted: {summary}", smtp_reply=str(worst))
+        return SmtpRejected(
+            f"every recipient refused: {summary}", reason="recipients_refused", smtp_reply=str(worst)
+        )
 
 
 def _translate(error: BaseException, stage: str) -> SmtpTemporaryFailure | SmtpRejected | SmtpConnectionError:

@@ -6,11 +6,7 @@ import smtplib
 from dataclasses import dataclass, field
 
 from worker.compose import Composed
-from worker.errors import (
-    SmtpConnectionError,
-    SmtpRejected,
-    SmtpTemporaryFailure,
-)
+from worker.errors import SmtpConnectionError, SmtpRejected, SmtpTemporaryFailure
 from worker.smtp.connect import _Connection
 from worker.smtp.replies import Delivery, SmtpReply, _classify, _expect, _translate
 
@@ -45,6 +41,8 @@ class _Progress:
     refused: dict[str, SmtpReply] = field(default_factory=dict)
     reply: SmtpReply | None = None
     stage: str = "MAIL FROM"
+    open: bool = False
+    """The server holds a MAIL FROM that neither DATA nor RSET has ended."""
 
 
 def _envelope(
@@ -63,12 +61,14 @@ def _envelope(
         )
     if "size" in client.esmtp_features:
         options.append(f"SIZE={len(message.data)}")
-    if progress.accepted or progress.refused:
+    if progress.open:
         client.rset()
+        progress.open = False
     if client.has_extn("pipelining"):
         return _pipelined_envelope(client, message, progress, options, with_data)
     progress.stage = "MAIL FROM"
     _expect(client.mail(message.mail_from, options), progress.stage, client)
+    progress.open = True
     progress.batch = []
     progress.stage = "RCPT TO"
     while progress.pending:
@@ -105,6 +105,7 @@ def _pipelined_envelope(
     data_open = with_data and answers[-1][0] == 354
     try:
         _expect(answers[0], progress.stage, client)
+        progress.open = True
         progress.stage = "RCPT TO"
         progress.batch, progress.pending = [], []
         too_many: dict[str, SmtpReply] = {}
@@ -138,10 +139,17 @@ def _pipelined_envelope(
 def _transact(conn: _Connection, message: Composed, progress: _Progress | None = None) -> Delivery:
     """MAIL, RCPT, DATA; a 452 for too many recipients continues in a further transaction.
 
+    A transaction goes on to the message only when it carries a customer-facing
+    recipient, or one took the message in an earlier transaction: internal copies
+    (``message.internal``) never reach a server alone. A transaction holding only
+    internal recipients is reset, or, when a pipelined DATA was already answered 354,
+    the connection is dropped before the message, which aborts it (RFC 5321 4.1.1.4).
+    An error ends the attempt; the recipients it left unanswered are retried later.
     ``progress`` is a send whose first envelope was already accepted (:meth:`SmtpPool.staged`).
     """
     client = conn.client
     p = progress or _Progress(list(message.recipients))
+    error: SmtpTemporaryFailure | SmtpRejected | SmtpConnectionError | None = None
     try:
         while p.pending or p.batch:
             announced = False
@@ -149,28 +157,50 @@ def _transact(conn: _Connection, message: Composed, progress: _Progress | None =
                 announced = _envelope(client, message, p, with_data=True)
                 if not p.batch:
                     continue
+            if message.internal and not _reaches_customer(message, p):
+                _hold_internal(client, message, p, announced)
+                continue
             p.stage = "DATA"
-            code, text = _send_data(client, message.data, announced=announced)
-            p.reply = _expect((code, text), p.stage, client)
+            reply = SmtpReply.parse(*_send_data(client, message.data, announced=announced))
+            p.open = False
+            if not 200 <= reply.code < 300:
+                p.refused.update({rcpt: reply for rcpt in p.batch})
+                p.batch = []
+                raise _classify(reply, p.stage)
+            p.reply = reply
             p.accepted.extend(p.batch)
             p.batch = []
-    except (OSError, smtplib.SMTPException, SmtpTemporaryFailure, SmtpRejected) as e:
+        if p.open:
+            client.rset()  # an envelope refused entirely leaves its MAIL FROM with the server
+            p.open = False
+    except (OSError, smtplib.SMTPException, SmtpTemporaryFailure, SmtpRejected, SmtpConnectionError) as e:
+        if p.stage == "DATA" and isinstance(e, smtplib.SMTPResponseException):
+            reply = SmtpReply.parse(e.smtp_code, e.smtp_error)
+            p.refused.update({rcpt: reply for rcpt in p.batch})
         error = _translate(e, p.stage)
-        if not p.accepted:
-            raise error from e
-        # An earlier transaction (after a 452) went through: resending would duplicate it,
-        # so the recipients not reached are recorded as refused instead.
-        lost = SmtpReply(0, None, str(error))
-        p.refused.update({rcpt: lost for rcpt in [*p.batch, *p.pending]})
-        assert p.reply is not None
-    refused = p.refused
-    if p.reply is None:
-        transient = [r for r in refused.values() if r.code < 500]
-        worst = transient[0] if transient else next(iter(refused.values()))
-        summary = "; ".join(f"{a}: {r}" for a, r in refused.items())
-        if transient:
-            raise SmtpTemporaryFailure(f"no recipient accepted: {summary}", smtp_reply=str(worst))
-        raise SmtpRejected(
-            f"every recipient refused: {summary}", reason="recipients_refused", smtp_reply=str(worst)
-        )
-    return Delivery(tuple(p.accepted), refused, p.reply, conn.tls_version, conn.auth_method)
+    return Delivery(tuple(p.accepted), p.refused, p.reply, error, conn.tls_version, conn.auth_method)
+
+
+def _reaches_customer(message: Composed, progress: _Progress) -> bool:
+    return any(rcpt not in message.internal for rcpt in (*progress.batch, *progress.accepted))
+
+
+def _hold_internal(client: smtplib.SMTP, message: Composed, p: _Progress, announced: bool) -> None:
+    """Take a transaction that holds only internal recipients back from the server.
+
+    They are tried again with the customer-facing recipients a 452 left, if any;
+    otherwise they stay unanswered.
+    """
+    customers_left = any(rcpt not in message.internal for rcpt in p.pending)
+    held, p.batch = p.batch, []
+    if customers_left:
+        p.pending.extend(held)
+    else:
+        p.pending = []
+    p.open = False
+    if announced:
+        client.close()
+        if customers_left:
+            raise SmtpConnectionError("DATA: dropped a transaction that reached no customer-facing recipient")
+    else:
+        client.rset()
