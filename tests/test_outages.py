@@ -1,5 +1,6 @@
 """Our own infrastructure fails mid-run: RabbitMQ restarts, PostgreSQL goes away for a while.
-Every accepted job still ends sent exactly once. Both run against private instances, never the
+Every accepted job still ends sent exactly once to each recipient, with the clerk in CC, the archive
+copy and a greylisted customer in the mix. Both run against private instances, never the
 machine's shared ones."""
 
 from __future__ import annotations
@@ -20,11 +21,19 @@ from tests.faultkit import PrivatePostgres, PrivateRabbitmq, assert_sent_once_or
 from worker.db import connect, ensure_database, upgrade
 from worker.documents import make_job
 from worker.settings import Settings
-from worker.sink import RecordingHandler, Sink
+from worker.sink import Sink
+from worker.sink.faults import RecipientRules
 from worker.tenant_apply import apply_tenants, read_tenant_file
 
+GREYLISTED = "451 4.7.1 greylisted, try again later"
 
-class SlowHandler(RecordingHandler):
+
+class SlowGreylisting(RecipientRules):
+    """Greylists each job's second customer once, and takes 50 ms per message."""
+
+    def __init__(self, maildir: Path) -> None:
+        super().__init__(maildir, rules={f"grau{n}@example.com": [GREYLISTED, None] for n in range(100)})
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
         await asyncio.sleep(0.05)
         return await super().handle_DATA(server, session, envelope)
@@ -50,7 +59,7 @@ def postgres() -> Iterator[PrivatePostgres]:
 
 @pytest.fixture
 def slow_sink(tmp_path: Path) -> Iterator[Sink]:
-    sink = Sink(tmp_path / "maildir", handler=SlowHandler(tmp_path / "maildir"))
+    sink = Sink(tmp_path / "maildir", handler=SlowGreylisting(tmp_path / "maildir"))
     yield sink
     sink.stop()
 
@@ -61,7 +70,12 @@ def add_tenant(database_url: str, sink: Sink, tmp_path: Path) -> str:
         "id": tenant_id,
         "smtp": {"host": sink.host, "port": sink.port, "security": "none"},
         "series": {"batch_size": 1000, "pause_ms": 0},
-        "employees": [{"id": "u1", "email": "anna@acme.example"}],
+        "archive_bcc": "archiv@acme.example",
+        "cc_clerk": True,
+        "employees": [
+            {"id": "u1", "email": "anna@acme.example"},
+            {"id": "u2", "email": "bernd@acme.example"},
+        ],
     }
     path = tmp_path / "tenant.yaml"
     path.write_text(yaml.safe_dump({"tenants": [tenant]}))
@@ -71,7 +85,15 @@ def add_tenant(database_url: str, sink: Sink, tmp_path: Path) -> str:
 
 
 def jobs(tenant: str, count: int) -> list[dict[str, Any]]:
-    return [make_job(tenant, "invoice", n, user_id="u1", to=f"kunde{n}@example.com") for n in range(count)]
+    """Invoices as the settings page's tenants send them: the clerk in CC, an archive copy, and a
+    second customer whose server greylists the first attempt."""
+    return [
+        {
+            **make_job(tenant, "invoice", n, user_id="u1", to=f"kunde{n}@example.com", clerk_id="u2"),
+            "to": [f"kunde{n}@example.com", f"grau{n}@example.com"],
+        }
+        for n in range(count)
+    ]
 
 
 def wait_received(sink: Sink, count: int, worker: RunningWorker, timeout: float = 60) -> None:

@@ -103,6 +103,9 @@ class RetryPolicy(Middleware):
         options[REQUEUES] = int(options.get(REQUEUES, 0)) + 1
         if isinstance(exception, OutcomeUnrecorded):
             options[UNRECORDED_OUTCOME] = exception.outcome
+        else:
+            # Recorded now: the next delivery sends to whoever is still waiting.
+            options.pop(UNRECORDED_OUTCOME, None)
         try:
             broker.enqueue(message.copy(), delay=delay)
         except Exception:
