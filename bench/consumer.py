@@ -37,8 +37,8 @@ from producer.envelope import encode_job  # noqa: E402
 from producer.queues import delete_queues  # noqa: E402
 from schemas.constants import DOCUMENTS_QUEUE, actor_of  # noqa: E402
 from schemas.job import Job  # noqa: E402
-from worker.broker import make_broker  # noqa: E402
-from worker.middleware import Metrics  # noqa: E402
+from worker.runtime.broker import make_broker  # noqa: E402
+from worker.runtime.middleware import Metrics  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 

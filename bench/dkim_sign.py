@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import machine  # noqa: E402
-from worker.dkim import (  # noqa: E402
+from worker.job.signature import (  # noqa: E402
     OVERSIGNED_HEADERS,
     SIGNED_HEADERS,
     DkimSigner,
@@ -38,7 +38,7 @@ from worker.dkim import (  # noqa: E402
     SigningKey,
     sign_message,
 )
-from worker.dkim_keys import generate_private_key, private_key_pem  # noqa: E402
+from worker.tools.dkim_keys import generate_private_key, private_key_pem  # noqa: E402
 
 DOMAIN, SELECTOR = b"acme.example", b"s2026"
 

@@ -25,8 +25,8 @@ from producer.queues import delete_queues
 from schemas.constants import lane_queues
 from worker.db import connect, drop_database, ensure_database, upgrade
 from worker.settings import Settings
-from worker.sink import free_port
-from worker.tenant_apply import apply_tenants, read_tenant_file
+from worker.testbed.sink import free_port
+from worker.tools.tenant_file import apply_tenants, read_tenant_file
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

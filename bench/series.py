@@ -30,9 +30,9 @@ from producer import publish  # noqa: E402
 from producer.queues import delete_queues  # noqa: E402
 from schemas.constants import lane_queues  # noqa: E402
 from schemas.job import Job  # noqa: E402
-from worker.documents import make_job  # noqa: E402
 from worker.settings import Settings  # noqa: E402
-from worker.sink import RecordingHandler, Sink  # noqa: E402
+from worker.testbed.documents import make_job  # noqa: E402
+from worker.testbed.sink import RecordingHandler, Sink  # noqa: E402
 
 
 class ArrivalHandler(RecordingHandler):

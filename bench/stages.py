@@ -28,14 +28,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import worker.actors  # noqa: E402
+import worker.job.actor  # noqa: E402
 from bench.harness import apply_tenant, bench_settings, machine, smtp_sink  # noqa: E402
 from bench.throughput import bench_tenant, workload  # noqa: E402
 from schemas.job import Job  # noqa: E402
-from worker.actors import Pipeline  # noqa: E402
-from worker.dkim import SigningKey  # noqa: E402
-from worker.dkim_keys import generate_private_key, private_key_pem  # noqa: E402
+from worker.job.actor import Pipeline  # noqa: E402
+from worker.job.signature import SigningKey  # noqa: E402
 from worker.logs import configure_logging  # noqa: E402
+from worker.tools.dkim_keys import generate_private_key, private_key_pem  # noqa: E402
 
 PURE_STAGES = ("validate", "payload_digest", "compose_message", "sign_message", "log_outcome")
 """Stages that touch neither network nor database, so they can be replayed alone."""
@@ -49,7 +49,7 @@ STAGES_OF_ACTORS = (
     "record_sent",
     "log_outcome",
 )
-"""The stages as ``worker.actors`` calls them, by the name it imported them under."""
+"""The stages as ``worker.job.actor`` calls them, by the name it imported them under."""
 
 RSA = "  of which RSA (OpenSSL)"
 REPLAYED_CALLS = 300
@@ -120,7 +120,7 @@ def main() -> int:
             with ExitStack() as stack:
                 stack.enter_context(stages.timing(Job, "model_validate", "validate"))
                 for name in STAGES_OF_ACTORS:
-                    stack.enter_context(stages.timing(worker.actors, name, name))
+                    stack.enter_context(stages.timing(worker.job.actor, name, name))
                 stack.enter_context(stages.timing(SigningKey, "sign_digest", RSA))
                 stack.enter_context(stages.timing(pipeline.smtp, "deliver", "smtp"))
                 started = time.thread_time()

@@ -49,9 +49,9 @@ from bench.harness import (  # noqa: E402
 from producer import publish  # noqa: E402
 from producer.queues import delete_queues  # noqa: E402
 from schemas.job import Job  # noqa: E402
-from worker.dkim_keys import dns_record, generate_private_key, private_key_pem  # noqa: E402
-from worker.documents import make_job  # noqa: E402
 from worker.settings import Settings  # noqa: E402
+from worker.testbed.documents import make_job  # noqa: E402
+from worker.tools.dkim_keys import dns_record, generate_private_key, private_key_pem  # noqa: E402
 
 PDF_PADDING = 22_000
 

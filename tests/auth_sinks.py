@@ -7,9 +7,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from worker.sink import Sink
-from worker.sink.auth import AuthRecordingHandler, SinkAccount, auth_sink
-from worker.sink.tls import Certificates, make_certificates
+from worker.testbed.sink import Sink
+from worker.testbed.sink.auth import AuthRecordingHandler, SinkAccount, auth_sink
+from worker.testbed.sink.tls import Certificates, make_certificates
 
 USER = "mailer@acme.example"
 PASSWORD = "Pw-7c1f-geheim!"

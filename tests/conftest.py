@@ -24,8 +24,8 @@ from schemas.constants import lane_queues
 from schemas.job import Job
 from worker.db import Connection, connect, drop_database, ensure_database, upgrade
 from worker.settings import Settings
-from worker.sink import RecordingHandler, Sink, free_port
-from worker.tenant_apply import apply_tenants, read_tenant_file
+from worker.testbed.sink import RecordingHandler, Sink, free_port
+from worker.tools.tenant_file import apply_tenants, read_tenant_file
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER_URL = os.environ.get("POSTBOTE_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")

@@ -14,7 +14,7 @@ import dns.rdata
 import dns.resolver
 import pytest
 
-from worker.dkim_keys import DnsRecord
+from worker.tools.dkim_keys import DnsRecord
 
 PERL_VERIFIER = Path(__file__).with_name("dkim_verify.pl")
 # Minimal but well-formed PDF so the attachment is real binary content.

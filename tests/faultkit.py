@@ -24,7 +24,7 @@ from schemas.constants import DOCUMENTS_QUEUE, queue_name
 from tests.conftest import delete_queues, wait_final
 from worker.db import Connection
 from worker.settings import Settings
-from worker.sink import RecordingHandler, free_port
+from worker.testbed.sink import RecordingHandler, free_port
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 

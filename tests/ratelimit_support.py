@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import ADMIN_URL
 from worker.db import drop_database, ensure_database
 from worker.errors import DatabaseUnavailable
-from worker.ratelimit import PostgresBackend, SeriesLimiter, Throttled
+from worker.job.ratelimit import PostgresBackend, SeriesLimiter, Throttled
 
 
 def chunks(arrivals: list[float], pause_ms: int) -> list[list[float]]:

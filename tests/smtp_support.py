@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from schemas.tenant import Smtp
-from worker.compose import Composed
-from worker.sink import RecordingHandler, Sink
+from worker.job.compose import Composed
+from worker.testbed.sink import RecordingHandler, Sink
 
 
 @contextmanager

@@ -14,9 +14,9 @@ import yaml
 from tests.conftest import RunningWorker, postbote, received_messages, send_jobs, wait_final
 from tests.faultkit import dramatiq_message, publish_raw, wait_dead
 from worker.db import Connection
-from worker.documents import make_job
 from worker.settings import Settings
-from worker.sink import Sink
+from worker.testbed.documents import make_job
+from worker.testbed.sink import Sink
 
 
 def raw_id(body: bytes) -> str:

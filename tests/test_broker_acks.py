@@ -11,7 +11,7 @@ import pika
 
 from producer.publish import publish_messages
 from schemas.constants import DOCUMENTS_QUEUE, queue_name
-from worker.broker import make_broker
+from worker.runtime.broker import make_broker
 from worker.settings import Settings
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
-import worker.broker  # noqa: F401 - importing it sets the read size
+import worker.runtime.broker  # noqa: F401 - importing it sets the read size
 
 
 def test_pika_still_reads_with_the_size_the_worker_sets() -> None:

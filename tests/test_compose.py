@@ -9,10 +9,10 @@ from email.message import EmailMessage
 from typing import Any
 
 from schemas.job import Job
-from worker.compose import compose_message
-from worker.documents import make_job
-from worker.recipients import Recipient, Recipients, Role, customer_recipients
-from worker.senders import Sender
+from worker.job.compose import compose_message
+from worker.job.recipients import Recipient, Recipients, Role, customer_recipients
+from worker.job.senders import Sender
+from worker.testbed.documents import make_job
 
 ANNA = Sender("anna@acme.example", "Anna Berg", None, None)
 

@@ -16,12 +16,12 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.conftest import RunningWorker, send_jobs, wait_final
 from tests.faultkit import assert_sent_once_or_dead, cleanup, own_queues, wait_dead, worker_children
-from worker.compose import message_id_for
 from worker.db import Connection
-from worker.documents import make_job
+from worker.job.compose import message_id_for
 from worker.settings import Settings
-from worker.sink import RecordingHandler, Sink
-from worker.sink.faults import SilentAfterData
+from worker.testbed.documents import make_job
+from worker.testbed.sink import RecordingHandler, Sink
+from worker.testbed.sink.faults import SilentAfterData
 
 
 class SlowHandler(RecordingHandler):

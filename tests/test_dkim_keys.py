@@ -21,10 +21,12 @@ from psycopg.types.json import Jsonb
 
 from schemas.tenant import Dkim
 from tests.dkim_support import FakeResolver, dkimpy_verify, perl_verify, plain, txt_rdata
-from worker import dkim_keys
 from worker.cli import dkim as dkim_cli
-from worker.dkim import DkimSigner, load_key, sign_message
-from worker.dkim_keys import (
+from worker.errors import ConfigurationError, UnknownTenant
+from worker.job.signature import DkimSigner, load_key, sign_message
+from worker.settings import Settings
+from worker.tools import dkim_keys
+from worker.tools.dkim_keys import (
     DnsRecord,
     Status,
     check_dkim,
@@ -34,8 +36,6 @@ from worker.dkim_keys import (
     private_key_pem,
     write_private_key,
 )
-from worker.errors import ConfigurationError, UnknownTenant
-from worker.settings import Settings
 
 DOMAIN = "acme.example"
 

@@ -8,10 +8,10 @@ from typing import Any
 from tests.conftest import RunningWorker, received_messages, send_jobs, wait_final
 from tests.dkim_support import dkimpy_verify, perl_verify
 from worker.db import Connection
-from worker.dkim_keys import dns_record, generate_private_key, private_key_pem
-from worker.documents import make_job
 from worker.settings import Settings
-from worker.sink import Sink
+from worker.testbed.documents import make_job
+from worker.testbed.sink import Sink
+from worker.tools.dkim_keys import dns_record, generate_private_key, private_key_pem
 
 
 def test_a_sent_invoice_with_attachment_and_umlauts_verifies_with_dkimpy_and_mail_dkim(

@@ -15,7 +15,8 @@ from pydantic import SecretStr
 
 from schemas.tenant import Dkim
 from tests.dkim_support import MESSAGES, dkimpy_verify, perl_verify, plain
-from worker.dkim import (
+from worker.errors import ConfigurationError, PermanentError
+from worker.job.signature import (
     OVERSIGNED_HEADERS,
     SIGNED_HEADERS,
     DkimSigner,
@@ -26,8 +27,7 @@ from worker.dkim import (
     load_signer,
     sign_message,
 )
-from worker.dkim_keys import dns_record, generate_private_key, private_key_pem
-from worker.errors import ConfigurationError, PermanentError
+from worker.tools.dkim_keys import dns_record, generate_private_key, private_key_pem
 
 DOMAIN = "acme.example"
 NOW = 1772442000
@@ -293,7 +293,7 @@ def test_the_fast_body_canonicalization_equals_dkimpys_on_random_bodies() -> Non
 
     from dkim.canonicalization import Relaxed
 
-    from worker.dkim import relaxed_body
+    from worker.job.signature import relaxed_body
 
     pieces = [b" ", b"\t", b"\r\n", b"a", b"\n", b"\r", b"=20", b"  "]
     rng = random.Random(6376)
@@ -307,7 +307,7 @@ def test_the_fast_header_canonicalization_equals_dkimpys_on_random_header_blocks
 
     from dkim.canonicalization import Relaxed
 
-    from worker.dkim import relaxed_headers
+    from worker.job.signature import relaxed_headers
 
     names = [b"From", b"To", b"subject", b"X-Y", b"Bad Name", b"", b"a:b"]
     pieces = [b" ", b"\t", b"  ", b"x", b"\xc3\xa4", b"\r\n ", b"\r\n\t", b"\n", b"\r", b"\x0b", b":", b"=?"]

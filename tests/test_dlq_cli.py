@@ -9,9 +9,9 @@ from typing import Any
 from tests.conftest import RunningWorker, postbote, received_messages, send_jobs
 from tests.faultkit import dramatiq_message, publish_raw, wait_dead, wait_status
 from worker.db import Connection
-from worker.documents import make_job
 from worker.settings import Settings
-from worker.sink import Sink
+from worker.testbed.documents import make_job
+from worker.testbed.sink import Sink
 
 
 def dead_invoice(settings: Settings, db: Connection, tenant: str) -> str:

@@ -9,9 +9,9 @@ from typing import Any
 
 from tests.conftest import RunningWorker, postbote, received_messages, send_jobs, wait_final
 from worker.db import Connection
-from worker.documents import make_job
 from worker.settings import Settings
-from worker.sink import Sink
+from worker.testbed.documents import make_job
+from worker.testbed.sink import Sink
 
 
 def test_published_jobs_arrive_with_headers_and_intact_attachments(

@@ -6,7 +6,7 @@ import json
 
 from producer.envelope import encode_job, envelope
 from schemas.job import Job
-from worker.documents import make_job
+from worker.testbed.documents import make_job
 
 
 def test_the_fast_encoding_is_the_documented_envelope() -> None:

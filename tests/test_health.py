@@ -5,7 +5,7 @@ from __future__ import annotations
 from tests.conftest import RunningWorker, postbote
 from tests.observe_support import http_get, wait_for
 from worker.settings import Settings
-from worker.sink import free_port
+from worker.testbed.sink import free_port
 
 
 def test_healthz_answers_while_the_worker_runs(worker: RunningWorker) -> None:

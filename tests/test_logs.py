@@ -13,10 +13,10 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from tests.conftest import RunningWorker, send_jobs, wait_final
 from tests.observe_support import wait_for
 from worker.db import Connection
-from worker.documents import make_job
 from worker.logs import OUTCOME_FIELDS
 from worker.settings import Settings
-from worker.sink import Sink, free_port
+from worker.testbed.documents import make_job
+from worker.testbed.sink import Sink, free_port
 
 PASSWORD = "Pw-9f3c1e-never-logged"
 BODY_TEXT = "Vertraulicher Inhalt 58213 nur für den Kunden"

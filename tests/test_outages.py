@@ -19,11 +19,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from tests.conftest import RunningWorker, send_jobs
 from tests.faultkit import PrivatePostgres, PrivateRabbitmq, assert_sent_once_or_dead, cleanup, own_queues
 from worker.db import connect, ensure_database, upgrade
-from worker.documents import make_job
 from worker.settings import Settings
-from worker.sink import Sink
-from worker.sink.faults import RecipientRules
-from worker.tenant_apply import apply_tenants, read_tenant_file
+from worker.testbed.documents import make_job
+from worker.testbed.sink import Sink
+from worker.testbed.sink.faults import RecipientRules
+from worker.tools.tenant_file import apply_tenants, read_tenant_file
 
 GREYLISTED = "451 4.7.1 greylisted, try again later"
 

@@ -15,9 +15,9 @@ import pytest
 from tests.conftest import RunningWorker, send_jobs, wait_final
 from tests.observe_support import http_get, wait_for, wait_metrics
 from worker.db import Connection
-from worker.documents import make_job
 from worker.settings import Settings
-from worker.sink import free_port
+from worker.testbed.documents import make_job
+from worker.testbed.sink import free_port
 
 PROMETHEUS = "/usr/bin/prometheus"
 

@@ -14,11 +14,11 @@ from schemas.constants import METRIC_QUEUE_MESSAGES, METRIC_QUEUE_OLDEST_AGE_SEC
 from tests.conftest import RunningWorker, send_jobs, wait_final
 from tests.observe_support import http_get, sample, wait_for, wait_metrics
 from worker.db import Connection
-from worker.documents import make_job
-from worker.queue_gauges import StartedMarks, oldest_age
+from worker.runtime.queue_gauges import StartedMarks, oldest_age
 from worker.settings import Settings
-from worker.sink import Sink
-from worker.sink.slow import SlowHandler
+from worker.testbed.documents import make_job
+from worker.testbed.sink import Sink
+from worker.testbed.sink.slow import SlowHandler
 
 
 def test_an_empty_queue_has_no_age() -> None:

@@ -1,6 +1,6 @@
 """The PostgreSQL functions decide exactly like the Python rule.
 
-``deploy/migrations/0004_series_functions.sql`` transcribes :mod:`worker.ratelimit.series`;
+``deploy/migrations/0004_series_functions.sql`` transcribes :mod:`worker.job.ratelimit.series`;
 the in-memory backend runs the Python functions. Both get the same random
 sequences of acquire, release (with and without the holder's bound of the
 finish), expiry (the clock jumping past ``lease_ms``) and forget-waiter events
@@ -19,8 +19,8 @@ import psycopg
 import pytest
 
 from tests.ratelimit_support import series_database
-from worker.ratelimit import Lease, MemoryBackend, PostgresBackend, SeriesBackend, Wait
-from worker.ratelimit.series import SeriesState
+from worker.job.ratelimit import Lease, MemoryBackend, PostgresBackend, SeriesBackend, Wait
+from worker.job.ratelimit.series import SeriesState
 
 TENANTS = {"a": (5, 100), "b": (2, 40)}  # tenant -> (batch_size, pause_ms)
 LEASE_MS = 300

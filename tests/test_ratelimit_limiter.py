@@ -9,8 +9,8 @@ import pytest
 
 from tests.ratelimit_support import oversized
 from worker.errors import DatabaseUnavailable
-from worker.ratelimit import Lease, MemoryBackend, PostgresBackend, SeriesLimiter, Throttled, Wait
-from worker.ratelimit.pool import TenantPool
+from worker.job.ratelimit import Lease, MemoryBackend, PostgresBackend, SeriesLimiter, Throttled, Wait
+from worker.job.ratelimit.pool import TenantPool
 
 
 def send_from_threads(limiter: SeriesLimiter, tenant_id: str, *, threads: int, mails: int,

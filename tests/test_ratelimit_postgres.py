@@ -31,10 +31,10 @@ from tests.ratelimit_support import (
     series_database,
     throttled_count,
 )
-from worker.compose import Composed
-from worker.ratelimit import Lease, PostgresBackend, SeriesLimiter, Throttled, Wait
-from worker.sink import Sink
-from worker.smtp import SmtpPool
+from worker.job.compose import Composed
+from worker.job.ratelimit import Lease, PostgresBackend, SeriesLimiter, Throttled, Wait
+from worker.job.smtp import SmtpPool
+from worker.testbed.sink import Sink
 
 SPAWN = multiprocessing.get_context("spawn")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.ratelimit.series import (
+from worker.job.ratelimit.series import (
     DRIFT_PPM,
     Granted,
     Refused,

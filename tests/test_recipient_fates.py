@@ -24,10 +24,10 @@ from tests.faultkit import (
 )
 from tests.observe_support import metrics_when, sample, wait_for
 from worker.db import Connection
-from worker.documents import make_job
 from worker.settings import Settings
-from worker.sink import Sink
-from worker.sink.faults import RecipientRules
+from worker.testbed.documents import make_job
+from worker.testbed.sink import Sink
+from worker.testbed.sink.faults import RecipientRules
 
 ARCHIVE = "archiv@acme.example"
 CLERK = "bernd@acme.example"

@@ -7,7 +7,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from worker.middleware import backoff_ms
+from worker.runtime.middleware import backoff_ms
 from worker.settings import MAX_BACKOFF_LIMIT_MS, Settings
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from schemas.constants import DOCUMENTS_QUEUE, queue_name
 from tests.conftest import delete_queues, postbote
-from worker.documents import make_job
 from worker.settings import Settings
+from worker.testbed.documents import make_job
 
 
 def queued(settings: Settings, prefix: str) -> int:

@@ -12,9 +12,9 @@ import pytest
 from tests.conftest import RunningWorker, postbote, received_messages, send_jobs, wait_final
 from tests.faultkit import recipient_states
 from worker.db import Connection
-from worker.documents import make_job
 from worker.settings import Settings
-from worker.sink import Sink
+from worker.testbed.documents import make_job
+from worker.testbed.sink import Sink
 
 ANNA = {
     "id": "u1",

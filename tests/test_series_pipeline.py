@@ -12,9 +12,9 @@ from typing import Any
 from tests.conftest import RunningWorker, received_messages, send_jobs, wait_final
 from tests.ratelimit_support import oversized
 from worker.db import Connection
-from worker.documents import make_job
 from worker.settings import Settings
-from worker.sink import Sink
+from worker.testbed.documents import make_job
+from worker.testbed.sink import Sink
 
 
 def jobs_for(tenant: str, count: int, doc_type: str = "dunning") -> list[dict[str, Any]]:

@@ -15,10 +15,10 @@ from schemas.constants import JOB_HEADER
 from tests.conftest import RunningWorker, received_messages, send_jobs, wait_final
 from tests.observe_support import wait_metrics
 from worker.db import Connection
-from worker.documents import make_job
 from worker.settings import Settings
-from worker.sink import Sink
-from worker.sink.slow import SlowHandler
+from worker.testbed.documents import make_job
+from worker.testbed.sink import Sink
+from worker.testbed.sink.slow import SlowHandler
 
 GRACE_S = 15
 

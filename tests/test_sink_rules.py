@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from worker.sink import Sink
-from worker.sink.faults import RecipientRules
+from worker.testbed.sink import Sink
+from worker.testbed.sink.faults import RecipientRules
 
 MESSAGE = b"Subject: hello\r\nMessage-ID: <rules@test.postbote>\r\n\r\nhi\r\n"
 

@@ -29,10 +29,10 @@ from tests.faultkit import (
     wait_dead,
 )
 from worker.db import Connection
-from worker.documents import make_job
 from worker.settings import Settings
-from worker.sink import Sink
-from worker.sink.faults import (
+from worker.testbed.documents import make_job
+from worker.testbed.sink import Sink
+from worker.testbed.sink.faults import (
     DisconnectMidSession,
     RecipientLimit,
     RefuseRecipients,
@@ -258,7 +258,7 @@ def test_a_certificate_that_does_not_verify_fails_closed_with_no_auth_and_no_mai
 ) -> None:
     import ssl
 
-    from worker.sink.faults import FaultyHandler
+    from worker.testbed.sink.faults import FaultyHandler
 
     cert, key = self_signed_certificate(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

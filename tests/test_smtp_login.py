@@ -10,11 +10,10 @@ import pytest
 
 from schemas.tenant import Smtp
 from tests.auth_sinks import PASSWORD, TOKEN, USER, attempts, certificates, running
-from worker import oauth
-from worker.compose import Composed
 from worker.errors import ConfigurationError, PostboteError, SmtpRejected, TransientError
-from worker.sink import Sink, free_port
-from worker.smtp import Delivery, SmtpPool
+from worker.job.compose import Composed
+from worker.job.smtp import Delivery, SmtpPool, oauth
+from worker.testbed.sink import Sink, free_port
 
 MESSAGE = Composed(
     data=b"From: mailer@acme.example\r\nTo: kunde@example.com\r\nSubject: Test\r\n\r\nHallo\r\n",

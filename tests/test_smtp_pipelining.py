@@ -10,11 +10,11 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.smtp_support import message, server_of, sink_starter
-from worker.compose import Composed
 from worker.errors import SmtpRejected, SmtpTemporaryFailure
-from worker.sink import Sink
-from worker.sink.faults import FaultyHandler, RecipientLimit, RefuseRecipients, TemporaryFailures
-from worker.smtp import Delivery, SmtpPool
+from worker.job.compose import Composed
+from worker.job.smtp import Delivery, SmtpPool
+from worker.testbed.sink import Sink
+from worker.testbed.sink.faults import FaultyHandler, RecipientLimit, RefuseRecipients, TemporaryFailures
 
 
 class BufferAtMail(FaultyHandler):

@@ -12,9 +12,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.smtp_support import message, server_of, sink_starter
 from worker.errors import SmtpRejected
-from worker.sink import Sink
-from worker.sink.faults import FaultyHandler, RecipientLimit, RefuseRecipients
-from worker.smtp import SmtpPool
+from worker.job.smtp import SmtpPool
+from worker.testbed.sink import Sink
+from worker.testbed.sink.faults import FaultyHandler, RecipientLimit, RefuseRecipients
 
 
 class SlowEnvelope(FaultyHandler):

@@ -16,10 +16,10 @@ from schemas.constants import DRAMATIQ_MESSAGES_IN_PROGRESS, METRIC_MAILS_SENT, 
 from tests.conftest import RunningWorker, send_jobs, wait_final
 from tests.observe_support import http_get, metrics_when, sample, wait_for, wait_metrics
 from worker.db import Connection
-from worker.documents import make_job
 from worker.settings import Settings
-from worker.sink import Sink
-from worker.sink.slow import SlowHandler
+from worker.testbed.documents import make_job
+from worker.testbed.sink import Sink
+from worker.testbed.sink.slow import SlowHandler
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def slow_sink(tmp_path: Path) -> Iterator[Sink]:
 
 
 def _ready_pids(output: str) -> list[int]:
-    return [int(pid) for pid in re.findall(r"worker\.process\[(\d+)\] worker process ready", output)]
+    return [int(pid) for pid in re.findall(r"worker\.runtime\.process\[(\d+)\] worker process ready", output)]
 
 
 def test_a_killed_worker_process_is_replaced_and_its_in_progress_gauge_dropped(

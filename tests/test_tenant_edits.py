@@ -15,12 +15,12 @@ import pytest
 from tests.conftest import RunningWorker, received_messages, send_jobs, wait_final
 from tests.smtp_support import message, server_of, sink_starter
 from worker.db import Connection
-from worker.documents import make_job
 from worker.errors import SmtpConnectionError
+from worker.job.smtp import SmtpPool
 from worker.settings import Settings
-from worker.sink import Sink
-from worker.sink.slow import SlowHandler
-from worker.smtp import SmtpPool
+from worker.testbed.documents import make_job
+from worker.testbed.sink import Sink
+from worker.testbed.sink.slow import SlowHandler
 
 
 def open_connections(sink: Sink) -> set[int]:

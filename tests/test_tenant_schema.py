@@ -32,7 +32,7 @@ tenants:
 
 
 def test_the_example_of_the_specification_is_valid(tmp_path: Path) -> None:
-    from worker.tenant_apply import read_tenant_file
+    from worker.tools.tenant_file import read_tenant_file
 
     path = tmp_path / "tenants.yaml"
     path.write_text(SPEC_EXAMPLE)

@@ -11,9 +11,9 @@ from typing import Any
 from tests.auth_sinks import PASSWORD, TOKEN, USER, attempts, certificates, running, smtp_settings
 from tests.conftest import postbote, received_messages
 from tests.dkim_support import dkimpy_verify
-from worker.dkim_keys import dns_record, generate_private_key, private_key_pem
 from worker.settings import Settings
-from worker.sink import Sink, free_port
+from worker.testbed.sink import Sink, free_port
+from worker.tools.dkim_keys import dns_record, generate_private_key, private_key_pem
 
 MakeTenant = Callable[..., str]
 

@@ -10,8 +10,8 @@ from schemas.constants import DRAMATIQ_MESSAGES, METRIC_MAILS_SENT, SEND_DOCUMEN
 from tests.conftest import RunningWorker, send_jobs, wait_final
 from tests.observe_support import http_get, sample, wait_for
 from worker.db import Connection
-from worker.documents import make_job
 from worker.settings import Settings
+from worker.testbed.documents import make_job
 
 
 def _when_sent(port: int, tenant: str, count: int) -> str | None:

@@ -8,8 +8,8 @@ from pathlib import Path
 from tests.auth_sinks import TOKEN, USER, attempts, certificates, running, smtp_settings
 from tests.conftest import RunningWorker, received_messages, send_jobs, wait_final
 from worker.db import Connection
-from worker.documents import make_job
 from worker.settings import Settings
+from worker.testbed.documents import make_job
 
 MakeTenant = Callable[..., str]
 

@@ -1,0 +1,9 @@
+"""postbote's worker: the job path, the runtime that drives it, and the operators' tools.
+
+- ``worker.job``: one job's path through the stages, in the order ``job.actor`` runs them.
+- ``worker.runtime``: broker, worker processes, supervisor, middleware, metrics, probes.
+- ``worker.tools``: what operators run: dead-letter queue, tenant file, DKIM keys, test mail, demo.
+- ``worker.cli``: the ``postbote`` command, thin wrappers over the tools and the runtime.
+- ``worker.testbed``: the SMTP sink and sample documents for the demo and the tests.
+- Shared by all: ``settings``, ``errors``, ``vocabulary``, ``db``, ``logs``.
+"""

@@ -22,7 +22,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.demo import run_demo
+    from worker.tools.demo import run_demo
 
     return run_demo(
         settings, count=args.count, processes=args.processes, threads=args.threads, workdir=args.workdir

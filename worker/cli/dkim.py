@@ -11,7 +11,9 @@ from pydantic import ValidationError
 
 from schemas.tenant import Dkim
 from worker.cli.output import fail, print_json
-from worker.dkim_keys import (
+from worker.errors import ConfigurationError, DatabaseUnavailable, UnknownTenant
+from worker.settings import Settings
+from worker.tools.dkim_keys import (
     DEFAULT_RSA_BITS,
     CheckResult,
     check_dkim,
@@ -21,8 +23,6 @@ from worker.dkim_keys import (
     private_key_pem,
     write_private_key,
 )
-from worker.errors import ConfigurationError, DatabaseUnavailable, UnknownTenant
-from worker.settings import Settings
 
 _SELECTOR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"

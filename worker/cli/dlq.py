@@ -10,9 +10,9 @@ from typing import Any
 
 from worker.cli.output import fail, print_json
 from worker.db import connect
-from worker.dlq import Filters, describe, get_dead, list_dead, parse_duration, purge, replay
 from worker.errors import DatabaseUnavailable
 from worker.settings import Settings
+from worker.tools.dlq import Filters, describe, get_dead, list_dead, parse_duration, purge, replay
 
 
 def register(subparsers: Any) -> None:

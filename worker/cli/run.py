@@ -8,7 +8,7 @@ from typing import Any
 
 from worker.cli.output import fail
 from worker.logs import configure_logging
-from worker.probes import check_broker, check_database
+from worker.runtime.probes import check_broker, check_database
 from worker.settings import Settings
 
 
@@ -30,7 +30,7 @@ def register(subparsers: Any) -> None:
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.supervisor import supervise
+    from worker.runtime.supervisor import supervise
 
     configure_logging(settings.log_format)
     if args.pin_cpus and not hasattr(os, "sched_setaffinity"):

@@ -22,7 +22,7 @@ def register(subparsers: Any) -> None:
 
 
 def run_sink(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.sink import Sink
+    from worker.testbed.sink import Sink
 
     configure_logging(settings.log_format)
     try:

@@ -9,10 +9,10 @@ from uuid import UUID
 from schemas.job import DocumentType
 from worker.cli.output import fail, print_json
 from worker.db import Connection, connect
-from worker.dlq import get_dead
 from worker.errors import DatabaseUnavailable
-from worker.ledger import delivery_record, document_records
+from worker.job.ledger import delivery_record, document_records
 from worker.settings import Settings
+from worker.tools.dlq import get_dead
 
 
 def register(subparsers: Any) -> None:

@@ -14,7 +14,7 @@ from worker.cli.output import fail
 from worker.db import connect
 from worker.errors import DatabaseUnavailable
 from worker.settings import Settings
-from worker.tenant_apply import apply_tenants, read_tenant_file
+from worker.tools.tenant_file import apply_tenants, read_tenant_file
 
 
 def register(subparsers: Any) -> None:

@@ -11,9 +11,9 @@ from pydantic import ValidationError
 from worker.cli.output import fail, print_json
 from worker.db import connect
 from worker.errors import ConfigurationError, DatabaseUnavailable, UnknownTenant
+from worker.job.accounts import Account, load_account
 from worker.settings import Settings
-from worker.tenants import Account, load_account
-from worker.testmail import Outcome, check_address, default_sender, send_test_mail
+from worker.tools.testmail import Outcome, check_address, default_sender, send_test_mail
 
 _DESCRIPTION = """\
 Send one test mail through the tenant's SMTP account now, not through RabbitMQ,

@@ -1,0 +1,480 @@
+"""The delivery ledger: one row per job in PostgreSQL, the source of truth for "sent once".
+
+A job is claimed before SMTP and marked after. A redelivered job whose row says
+sent, partial or failed is acknowledged without sending again.
+
+The stale-claim rule: a claim carries an expiry (``claimed_until``), longer than
+a live worker can take from claim to ledger write. A claim still ``sending``
+after its expiry, or released by the supervisor that saw its process die,
+belongs to a dead worker; the next delivery takes it over and sends with the
+same Message-ID (counted as a possible duplicate). Each takeover is counted in
+``takeovers``; when deliveries of a job have ended with a dead worker
+``crash_loop_after`` times, the job is not tried again (``Claim.CRASH_LOOP``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from schemas.job import Job
+from worker.db import Connection, translated_errors
+from worker.job.outcome import AttemptRecord, Fate, Status, Verdict, out_of_attempts
+from worker.job.recipients import Recipient
+from worker.job.smtp import SmtpReply
+
+
+class Claim(StrEnum):
+    CLAIMED = "claimed"
+    """This delivery owns the job now and may send it."""
+    TAKEN_OVER = "taken_over"
+    """A dead holder's expired claim was taken over; the mail may have gone out already."""
+    DONE = "done"
+    """The job already ended (sent, partial or failed); acknowledge without sending."""
+    BUSY = "busy"
+    """Another live delivery holds the claim."""
+    CONFLICT = "conflict"
+    """The job id is known with a different payload."""
+    CRASH_LOOP = "crash_loop"
+    """Deliveries of this job keep killing their worker; stop trying."""
+
+
+FINAL_STATES = (Status.SENT, Status.PARTIAL, Status.FAILED)
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    claim: Claim
+    attempts: int
+    status: str | None = None
+    remaining_ms: int = 0
+    """For ``BUSY``: how long the other holder's claim still runs."""
+    takeovers: int = 0
+
+
+def claim_job(
+    conn: Connection,
+    job: Job,
+    payload_sha256: str,
+    *,
+    holder: str,
+    claim_ms: int,
+    crash_loop_after: int = 3,
+) -> ClaimResult:
+    """Claim ``job`` for ``holder`` for ``claim_ms``, counting the attempt (see the stale-claim rule).
+
+    A job seen for the first time costs one statement; only a redelivery takes the row lock.
+    """
+    with translated_errors():
+        row = conn.execute(
+            """
+            INSERT INTO deliveries (job_id, tenant_id, doc_type, doc_number, payload_sha256, status,
+                                    attempts, claimed_by, claimed_until)
+            VALUES (%s, %s, %s, %s, %s, 'sending', 1, %s, clock_timestamp() + %s * interval '1 ms')
+            ON CONFLICT (job_id) DO NOTHING
+            RETURNING attempts
+            """,
+            (
+                job.job_id,
+                job.tenant,
+                job.document.type.value,
+                job.document.number,
+                payload_sha256,
+                holder,
+                claim_ms,
+            ),
+        ).fetchone()
+    if row is not None:
+        return ClaimResult(Claim.CLAIMED, 1)
+    with translated_errors(), conn.transaction():
+        row = conn.execute(
+            "SELECT status, attempts, takeovers, payload_sha256,"
+            " COALESCE(claimed_until < clock_timestamp(), true) AS expired,"
+            " GREATEST(0, EXTRACT(EPOCH FROM claimed_until - clock_timestamp()) * 1000)::bigint AS remaining"
+            " FROM deliveries WHERE job_id = %s FOR UPDATE",
+            (job.job_id,),
+        ).fetchone()
+        assert row is not None
+        status, attempts, takeovers = str(row["status"]), int(row["attempts"]), int(row["takeovers"])
+        if row["payload_sha256"] != payload_sha256:
+            return ClaimResult(Claim.CONFLICT, attempts, status)
+        if status in FINAL_STATES:
+            return ClaimResult(Claim.DONE, attempts, status)
+        if status == "sending" and not row["expired"]:
+            return ClaimResult(Claim.BUSY, attempts, status, remaining_ms=int(row["remaining"] or 0))
+        taking_over = status == "sending"
+        if taking_over and takeovers + 1 >= crash_loop_after:
+            return ClaimResult(Claim.CRASH_LOOP, attempts, status, takeovers=takeovers + 1)
+        conn.execute(
+            "UPDATE deliveries SET status = 'sending', attempts = attempts + 1, takeovers = takeovers + %s,"
+            " claimed_by = %s, claimed_until = clock_timestamp() + %s * interval '1 ms',"
+            " updated_at = clock_timestamp() WHERE job_id = %s",
+            (int(taking_over), holder, claim_ms, job.job_id),
+        )
+        claim = Claim.TAKEN_OVER if taking_over else Claim.CLAIMED
+        return ClaimResult(claim, attempts + 1, status, takeovers=takeovers + int(taking_over))
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What earlier attempts of a job left: its recipients' fates and, while some have the mail
+    and others wait, the signed bytes they got."""
+
+    fates: tuple[Fate, ...]
+    sender: str | None
+    message_id: str | None
+    message: bytes | None
+
+
+def load_progress(conn: Connection, job_id: UUID) -> Progress:
+    """The recipients' fates of a job seen before (none for a job never attempted)."""
+    with translated_errors():
+        job = conn.execute(
+            "SELECT sender, message_id, message FROM deliveries WHERE job_id = %s", (job_id,)
+        ).fetchone()
+        rows = conn.execute(
+            "SELECT address, role, state, reply_code, reply_enhanced, reply_text, attempts"
+            " FROM delivery_recipients WHERE job_id = %s ORDER BY position",
+            (job_id,),
+        ).fetchall()
+    fates = tuple(_fate(row) for row in rows)
+    if job is None:
+        return Progress(fates, None, None, None)
+    message = job["message"]
+    return Progress(fates, job["sender"], job["message_id"], bytes(message) if message is not None else None)
+
+
+_RECORD_ATTEMPT = """
+WITH job AS (
+    UPDATE deliveries SET status = %(status)s, reason = %(reason)s, detail = %(detail)s,
+        smtp_reply = %(smtp_reply)s, sender = %(sender)s, message_id = %(message_id)s, message = %(message)s,
+        next_attempt_at = clock_timestamp() + %(next_attempt_ms)s::bigint * interval '1 ms',
+        claimed_by = NULL, claimed_until = NULL,
+        sent_at = CASE WHEN %(status)s IN ('sent', 'partial') THEN clock_timestamp() ELSE sent_at END,
+        updated_at = clock_timestamp()
+    WHERE job_id = %(job_id)s
+    RETURNING job_id
+), fates AS (
+    INSERT INTO delivery_recipients AS r (job_id, address, position, role, state, reply_code,
+                                          reply_enhanced, reply_text, attempts, updated_at)
+    SELECT %(job_id)s, f.address, f.position, f.role, f.state, f.code, f.enhanced, f.text, f.attempts,
+           clock_timestamp()
+    FROM jsonb_to_recordset(%(fates)s::jsonb) AS f (address text, position smallint, role text, state text,
+                                                   code integer, enhanced text, text text, attempts integer)
+    ON CONFLICT (job_id, address) DO UPDATE SET state = EXCLUDED.state, reply_code = EXCLUDED.reply_code,
+        reply_enhanced = EXCLUDED.reply_enhanced, reply_text = EXCLUDED.reply_text,
+        attempts = EXCLUDED.attempts, updated_at = EXCLUDED.updated_at
+    WHERE (r.state, r.reply_text, r.attempts) IS DISTINCT FROM (EXCLUDED.state, EXCLUDED.reply_text, EXCLUDED.attempts)
+), attempt AS (
+    INSERT INTO delivery_attempts (job_id, attempt, started_at, duration_ms, worker, outcome, reply, recipients)
+    VALUES (%(job_id)s, %(attempt)s, to_timestamp(%(started_at)s), %(duration_ms)s, %(worker)s, %(status)s,
+            %(reply)s, %(tried)s::jsonb)
+    ON CONFLICT (job_id, attempt) DO NOTHING
+)
+SELECT count(*) FROM job
+"""
+
+
+def record_attempt(conn: Connection, record: AttemptRecord) -> Status:
+    """Record one SMTP attempt in one statement: the job's status, each recipient's state and
+    reply, and the attempt's row in the history. Returns the job's status."""
+    verdict = record.verdict
+    fates = [{**f.to_json(), "position": n} for n, f in enumerate(verdict.fates)]
+    by_address = {f.address: f for f in verdict.fates}
+    tried = [
+        {"address": a, "role": by_address[a].role.value, "reply": _reply_text(by_address[a].reply)}
+        for a in record.tried
+        if a in by_address
+    ]
+    with translated_errors():
+        conn.execute(
+            _RECORD_ATTEMPT,
+            {
+                "job_id": record.job_id,
+                "status": verdict.status.value,
+                "reason": verdict.reason,
+                "detail": verdict.detail,
+                "smtp_reply": verdict.smtp_reply,
+                "sender": record.sender,
+                "message_id": record.message_id,
+                "message": record.message,
+                "next_attempt_ms": record.next_attempt_ms,
+                "fates": json.dumps(fates),
+                "attempt": record.attempt,
+                "started_at": record.started_at,
+                "duration_ms": record.duration_ms,
+                "worker": record.worker,
+                "reply": record.reply,
+                "tried": json.dumps(tried),
+            },
+        )
+        conn.commit()
+    return verdict.status
+
+
+def record_failure(
+    conn: Connection,
+    job_id: UUID,
+    *,
+    final: bool,
+    reason: str,
+    detail: str,
+    smtp_reply: str | None = None,
+    sender: str | None = None,
+    recipients: Sequence[Recipient] = (),
+    next_attempt_ms: int | None = None,
+) -> None:
+    """Mark the job ``failed`` (final) or ``retrying`` with the reason and the server's reply;
+    ``recipients`` the mail would have had are recorded ``pending`` where the ledger has none."""
+    with translated_errors(), conn.transaction():
+        conn.execute(
+            "UPDATE deliveries SET status = %s, reason = %s, detail = %s,"
+            " smtp_reply = COALESCE(%s, smtp_reply), sender = COALESCE(%s, sender),"
+            " next_attempt_at = clock_timestamp() + %s::bigint * interval '1 ms',"
+            " claimed_by = NULL, claimed_until = NULL,"
+            " updated_at = clock_timestamp() WHERE job_id = %s AND status NOT IN ('sent', 'partial')",
+            ("failed" if final else "retrying", reason, detail, smtp_reply, sender, next_attempt_ms, job_id),
+        )
+        if recipients:
+            conn.execute(
+                "INSERT INTO delivery_recipients (job_id, address, position, role, state)"
+                " SELECT %s, r.address, r.position, r.role, 'pending'"
+                " FROM jsonb_to_recordset(%s::jsonb) AS r (address text, position smallint, role text)"
+                " ON CONFLICT (job_id, address) DO NOTHING",
+                (
+                    job_id,
+                    json.dumps(
+                        [
+                            {"address": r.address, "role": r.role.value, "position": n}
+                            for n, r in enumerate(recipients)
+                        ]
+                    ),
+                ),
+            )
+
+
+def release_claim(conn: Connection, job_id: UUID) -> None:
+    """Give the claim back without an outcome: the job was deferred, a later delivery sends it."""
+    with translated_errors():
+        conn.execute(
+            "UPDATE deliveries SET status = 'retrying', reason = 'throttled', detail = NULL, claimed_by = NULL,"
+            " claimed_until = NULL, attempts = attempts - 1, updated_at = clock_timestamp()"
+            " WHERE job_id = %s AND status = 'sending'",
+            (job_id,),
+        )
+        conn.commit()
+
+
+def record_given_up(
+    conn: Connection, job: Job, payload_sha256: str, *, reason: str, detail: str, smtp_reply: str | None
+) -> Verdict | None:
+    """End a job whose retries ran out, creating the row if no attempt got as far as a claim.
+
+    Recipients still waiting count as refused: a job some customer-facing recipient got
+    ends ``partial`` (or ``sent``, when only an internal copy was waiting), any other
+    ``failed`` with ``reason``. ``None`` when the job had already ended sent or partial.
+    """
+    with translated_errors(), conn.transaction():
+        inserted = conn.execute(
+            """
+            INSERT INTO deliveries (job_id, tenant_id, doc_type, doc_number, payload_sha256, status,
+                                    reason, detail, smtp_reply)
+            VALUES (%s, %s, %s, %s, %s, 'failed', %s, %s, %s)
+            ON CONFLICT (job_id) DO NOTHING
+            RETURNING job_id
+            """,
+            (
+                job.job_id,
+                job.tenant,
+                job.document.type.value,
+                job.document.number,
+                payload_sha256,
+                reason,
+                detail,
+                smtp_reply,
+            ),
+        ).fetchone()
+        if inserted is not None:
+            return Verdict(Status.FAILED, (), reason, detail, smtp_reply)
+        row = conn.execute(
+            "SELECT status FROM deliveries WHERE job_id = %s FOR UPDATE", (job.job_id,)
+        ).fetchone()
+        assert row is not None
+        if row["status"] in (Status.SENT, Status.PARTIAL):
+            return None
+        progress = load_progress(conn, job.job_id)
+        verdict = out_of_attempts(progress.fates, detail)
+        if verdict.status is Status.FAILED:
+            verdict = replace(
+                verdict, reason=reason, detail=detail, smtp_reply=smtp_reply or verdict.smtp_reply
+            )
+        else:
+            verdict = replace(verdict, detail="; ".join(p for p in (verdict.detail, detail) if p))
+        conn.execute(
+            "UPDATE deliveries SET status = %s, reason = %s, detail = %s,"
+            " smtp_reply = COALESCE(%s, smtp_reply), message = NULL, next_attempt_at = NULL,"
+            " claimed_by = NULL, claimed_until = NULL, updated_at = clock_timestamp(),"
+            " sent_at = CASE WHEN %s IN ('sent', 'partial') THEN clock_timestamp() ELSE sent_at END"
+            " WHERE job_id = %s",
+            (
+                verdict.status.value,
+                verdict.reason,
+                verdict.detail,
+                verdict.smtp_reply,
+                verdict.status.value,
+                job.job_id,
+            ),
+        )
+        for fate in verdict.settled:
+            conn.execute(
+                "UPDATE delivery_recipients SET state = %s, reply_code = %s, reply_enhanced = %s, reply_text = %s,"
+                " updated_at = clock_timestamp() WHERE job_id = %s AND address = %s",
+                (
+                    fate.state.value,
+                    fate.reply.code if fate.reply else None,
+                    fate.reply.enhanced if fate.reply else None,
+                    fate.reply.text if fate.reply else None,
+                    job.job_id,
+                    fate.address,
+                ),
+            )
+    return verdict
+
+
+def renew_claim(conn: Connection, job_id: UUID, *, holder: str, claim_ms: int) -> bool:
+    """Extend ``holder``'s claim by ``claim_ms`` from now; False when it is no longer ours."""
+    with translated_errors():
+        row = conn.execute(
+            "UPDATE deliveries SET claimed_until = clock_timestamp() + %s * interval '1 ms'"
+            " WHERE job_id = %s AND claimed_by = %s AND status = 'sending' RETURNING job_id",
+            (claim_ms, job_id, holder),
+        ).fetchone()
+        conn.commit()
+    return row is not None
+
+
+def release_claims(conn: Connection, holder: str) -> int:
+    """Expire every claim of ``holder`` (a worker process known to be dead); returns how many."""
+    with translated_errors():
+        cursor = conn.execute(
+            "UPDATE deliveries SET claimed_until = clock_timestamp() - interval '1 ms'"
+            " WHERE claimed_by = %s AND status = 'sending'",
+            (holder,),
+        )
+        conn.commit()
+    return cursor.rowcount
+
+
+def reopen_failed(conn: Connection, job_id: UUID) -> str | None:
+    """Let a ``failed`` job be sent once more (replay): it becomes ``retrying`` with its
+    crash counter reset and its refused recipients ``pending`` again. Returns the status the job had (``None`` without a ledger row);
+    any other status is left alone, so the ledger still refuses a second send.
+
+    Runs in the caller's transaction.
+    """
+    with translated_errors():
+        row = conn.execute("SELECT status FROM deliveries WHERE job_id = %s FOR UPDATE", (job_id,)).fetchone()
+        if row is None:
+            return None
+        if row["status"] == "failed":
+            conn.execute(
+                "UPDATE deliveries SET status = 'retrying', reason = 'replayed', takeovers = 0, message = NULL,"
+                " next_attempt_at = NULL, claimed_by = NULL, claimed_until = NULL, updated_at = clock_timestamp()"
+                " WHERE job_id = %s",
+                (job_id,),
+            )
+            conn.execute(
+                "UPDATE delivery_recipients SET state = 'pending', updated_at = clock_timestamp()"
+                " WHERE job_id = %s AND state = 'refused'",
+                (job_id,),
+            )
+    return str(row["status"])
+
+
+_RECORD_COLUMNS = (
+    "job_id, tenant_id AS tenant, doc_type, doc_number, status, reason, detail, attempts, takeovers, sender,"
+    " message_id, smtp_reply, next_attempt_at, created_at, updated_at, sent_at"
+)
+
+
+def delivery_record(conn: Connection, job_id: UUID) -> dict[str, Any] | None:
+    """The ledger's record of a job as shown by ``postbote status``: its recipients with role,
+    state and reply, and the history of its attempts."""
+    with translated_errors():
+        row = conn.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM deliveries WHERE job_id = %s", (job_id,)
+        ).fetchone()
+        return _with_recipients(conn, row) if row is not None else None
+
+
+def document_records(
+    conn: Connection, doc_type: str, doc_number: str, *, tenant: str | None = None
+) -> list[dict[str, Any]]:
+    """The records of every job for one business document, newest first."""
+    with translated_errors():
+        rows = conn.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM deliveries WHERE doc_number = %s AND doc_type = %s"
+            " AND (%s::text IS NULL OR tenant_id = %s) ORDER BY created_at DESC, job_id",
+            (doc_number, doc_type, tenant, tenant),
+        ).fetchall()
+        return [_with_recipients(conn, row) for row in rows]
+
+
+def _with_recipients(conn: Connection, row: dict[str, Any]) -> dict[str, Any]:
+    job_id = row["job_id"]
+    recipients = conn.execute(
+        "SELECT address, role, state, reply_code, reply_enhanced, reply_text, attempts, updated_at"
+        " FROM delivery_recipients WHERE job_id = %s ORDER BY position",
+        (job_id,),
+    ).fetchall()
+    history = conn.execute(
+        "SELECT attempt, started_at, duration_ms, worker, outcome, reply, recipients"
+        " FROM delivery_attempts WHERE job_id = %s ORDER BY attempt",
+        (job_id,),
+    ).fetchall()
+    return {
+        **row,
+        "recipients": [
+            {
+                "address": r["address"],
+                "role": r["role"],
+                "state": r["state"],
+                "reply": _reply_text(_fate(r).reply),
+                "attempts": r["attempts"],
+                "updated_at": r["updated_at"],
+            }
+            for r in recipients
+        ],
+        "history": [dict(h) for h in history],
+    }
+
+
+def _fate(row: dict[str, Any]) -> Fate:
+    return Fate.from_json(
+        {**row, "code": row["reply_code"], "enhanced": row["reply_enhanced"], "text": row["reply_text"]}
+    )
+
+
+def _reply_text(reply: SmtpReply | None) -> str | None:
+    return str(reply) if reply is not None else None
+
+
+__all__ = [
+    "Claim",
+    "ClaimResult",
+    "Progress",
+    "claim_job",
+    "delivery_record",
+    "document_records",
+    "load_progress",
+    "record_attempt",
+    "record_failure",
+    "record_given_up",
+    "release_claims",
+    "renew_claim",
+    "reopen_failed",
+]

@@ -1,0 +1,26 @@
+"""Series rate limiting: ``batch_size`` mails per series per tenant, then ``pause_ms`` of silence.
+
+Holds across every worker process on every host, coordinated through
+PostgreSQL only. See ``docs/series.md`` for the semantics and
+:mod:`worker.job.ratelimit.series` for why it holds.
+"""
+
+from __future__ import annotations
+
+from .backend import Lease, SeriesBackend, Wait
+from .errors import Throttled
+from .limiter import SeriesLimiter, Slot, default_holder_id
+from .memory import MemoryBackend
+from .postgres import PostgresBackend
+
+__all__ = [
+    "Lease",
+    "MemoryBackend",
+    "PostgresBackend",
+    "SeriesBackend",
+    "SeriesLimiter",
+    "Slot",
+    "Throttled",
+    "Wait",
+    "default_holder_id",
+]

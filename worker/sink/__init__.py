@@ -1,5 +1,0 @@
-"""The embedded SMTP sink (aiosmtpd) used by the demo and the tests."""
-
-from worker.sink.server import Received, RecordingHandler, Sink, free_port, read_index
-
-__all__ = ["Received", "RecordingHandler", "Sink", "free_port", "read_index"]

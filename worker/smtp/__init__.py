@@ -1,8 +1,0 @@
-"""Sending over SMTP: pooled, authenticated connections; smtplib's errors are classified here
-and never leave this package."""
-
-from worker.smtp.connect import open_connection
-from worker.smtp.pool import SmtpPool, Staged
-from worker.smtp.replies import Delivery, SmtpReply
-
-__all__ = ["Delivery", "SmtpPool", "SmtpReply", "Staged", "open_connection"]
