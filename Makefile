@@ -27,11 +27,11 @@ demo: install services
 test: install services test-tools
 	$(PY) -m pytest
 
-lint:
+lint: install
 	$(VENV)/bin/ruff check schemas producer worker tests bench
 	$(VENV)/bin/ruff format --check schemas producer worker tests bench
 
-typecheck:
+typecheck: install
 	$(VENV)/bin/mypy
 
 schemas: install

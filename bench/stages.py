@@ -46,7 +46,7 @@ STAGES_OF_ACTORS = (
     "resolve_sender",
     "compose_message",
     "sign_message",
-    "record_sent",
+    "record_attempt",
     "log_outcome",
 )
 """The stages as ``worker.job.actor`` calls them, by the name it imported them under."""

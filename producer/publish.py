@@ -18,16 +18,17 @@ from schemas.job import Job
 
 
 class PublishError(Exception):
-    """The broker did not confirm every job; the message says how many were confirmed."""
+    """The broker did not confirm every message: ``confirmed_count`` leading ones it did, and
+    ``confirmed`` lists their job ids where the caller published jobs."""
 
-    def __init__(self, message: str, confirmed: list[UUID]) -> None:
+    def __init__(self, message: str, *, confirmed_count: int, confirmed: Sequence[UUID] = ()) -> None:
         super().__init__(message)
-        self.confirmed = confirmed
-        self.confirmed_count = len(confirmed)
+        self.confirmed_count = confirmed_count
+        self.confirmed = list(confirmed)
 
 
 @dataclass(frozen=True)
-class InputError:
+class InvalidLine:
     """One invalid input line: where, which field, what is wrong."""
 
     line: int
@@ -40,46 +41,48 @@ class InputError:
 
 def parse_jobs(
     text: str, *, max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
-) -> tuple[list[Job], list[InputError]]:
+) -> tuple[list[Job], list[InvalidLine]]:
     """Parse one JSON object or JSON lines; every line is validated before anything is published."""
     stripped = text.strip()
     if not stripped:
-        return [], [InputError(1, "input", "no job given")]
+        return [], [InvalidLine(1, "input", "no job given")]
     if stripped.startswith("{") and "\n" in stripped:
         try:
             return _validate_all([(1, json.loads(stripped))], max_job_bytes)
         except json.JSONDecodeError:
             pass
     items: list[tuple[int, Any]] = []
-    errors: list[InputError] = []
+    errors: list[InvalidLine] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             items.append((number, json.loads(line)))
         except json.JSONDecodeError as e:
-            errors.append(InputError(number, "json", f"not valid JSON ({e.msg} at column {e.colno})"))
+            errors.append(InvalidLine(number, "json", f"not valid JSON ({e.msg} at column {e.colno})"))
     jobs, invalid = _validate_all(items, max_job_bytes)
     return jobs, errors + invalid
 
 
-def _validate_all(items: Iterable[tuple[int, Any]], max_job_bytes: int) -> tuple[list[Job], list[InputError]]:
+def _validate_all(
+    items: Iterable[tuple[int, Any]], max_job_bytes: int
+) -> tuple[list[Job], list[InvalidLine]]:
     jobs: list[Job] = []
-    errors: list[InputError] = []
+    errors: list[InvalidLine] = []
     seen: dict[UUID, int] = {}
     for number, data in items:
         if not isinstance(data, dict):
-            errors.append(InputError(number, "job", "must be a JSON object"))
+            errors.append(InvalidLine(number, "job", "must be a JSON object"))
             continue
         try:
             job = Job.model_validate(data, context={"max_job_bytes": max_job_bytes})
         except ValidationError as e:
             for item in e.errors():
                 where = ".".join(str(p) for p in item["loc"]) or "job"
-                errors.append(InputError(number, where, item["msg"]))
+                errors.append(InvalidLine(number, where, item["msg"]))
             continue
         if job.job_id in seen:
-            errors.append(InputError(number, "job_id", f"same job id as line {seen[job.job_id]}"))
+            errors.append(InvalidLine(number, "job_id", f"same job id as line {seen[job.job_id]}"))
             continue
         seen[job.job_id] = number
         jobs.append(job)
@@ -99,7 +102,8 @@ def publish(jobs: Sequence[Job], *, broker_url: str, queue_prefix: str) -> list[
     try:
         _publish_encoded([encode_job(job, queue_prefix) for job in jobs], broker_url)
     except PublishError as e:
-        raise PublishError(str(e), [job.job_id for job in jobs[: e.confirmed_count]]) from e
+        confirmed = [job.job_id for job in jobs[: e.confirmed_count]]
+        raise PublishError(str(e), confirmed_count=e.confirmed_count, confirmed=confirmed) from e
     return [job.job_id for job in jobs]
 
 
@@ -122,9 +126,8 @@ def _publish_encoded(messages: list[tuple[str, bytes]], broker_url: str) -> None
     try:
         publish_confirmed(params, messages)
     except ConfirmError as e:
-        error = PublishError(f"{e} (RabbitMQ at {params.host}:{params.port})", [])
-        error.confirmed_count = e.confirmed
-        raise error from e
+        where = f"RabbitMQ at {params.host}:{params.port}"
+        raise PublishError(f"{e} ({where})", confirmed_count=e.confirmed) from e
 
 
-__all__ = ["InputError", "PublishError", "parse_jobs", "publish", "publish_messages"]
+__all__ = ["InvalidLine", "PublishError", "parse_jobs", "publish", "publish_messages"]

@@ -11,8 +11,10 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import RunningWorker, postbote, received_messages, send_jobs, wait_final
-from tests.faultkit import dramatiq_message, publish_raw, wait_dead
+from tests.support.faults import dramatiq_message, publish_raw
+from tests.support.ledger import wait_dead, wait_final
+from tests.support.services import RunningWorker, postbote, send_jobs
+from tests.support.smtp import received_messages
 from worker.db import Connection
 from worker.settings import Settings
 from worker.testbed.documents import make_job

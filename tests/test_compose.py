@@ -10,9 +10,10 @@ from typing import Any
 
 from schemas.job import Job
 from worker.job.compose import compose_message
-from worker.job.recipients import Recipient, Recipients, Role, customer_recipients
+from worker.job.recipients import Recipient, Recipients, customer_recipients
 from worker.job.senders import Sender
 from worker.testbed.documents import make_job
+from worker.vocabulary import Role
 
 ANNA = Sender("anna@acme.example", "Anna Berg", None, None)
 

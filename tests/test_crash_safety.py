@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from tests.conftest import RunningWorker, send_jobs, wait_final
-from tests.faultkit import assert_sent_once_or_dead, cleanup, own_queues, wait_dead, worker_children
+from tests.support.faults import assert_sent_once_or_dead, worker_children
+from tests.support.ledger import wait_dead, wait_final
+from tests.support.services import RunningWorker, delete_queues, isolated_settings, send_jobs
 from worker.db import Connection
 from worker.job.compose import message_id_for
 from worker.settings import Settings
@@ -34,9 +35,9 @@ class SlowHandler(RecordingHandler):
 
 @pytest.fixture
 def crash_settings(settings: Settings) -> Iterator[Settings]:
-    own = own_queues(settings, crash_loop_after=2, min_backoff_ms=100, max_backoff_ms=500)
+    own = isolated_settings(settings, crash_loop_after=2, min_backoff_ms=100, max_backoff_ms=500)
     yield own
-    cleanup(own)
+    delete_queues(own)
 
 
 def kill_the_worker_process(supervisor: RunningWorker) -> int:

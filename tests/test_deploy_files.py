@@ -15,7 +15,7 @@ import yaml
 
 from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE, queue_name
 from schemas.tenant import TenantFile
-from tests.deploy_support import (
+from tests.support.deploy import (
     DEPLOY,
     DOCS,
     KNOWN_METRICS,

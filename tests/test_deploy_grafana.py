@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy_support import (
+from tests.support.deploy import (
     DEPLOY,
     KNOWN_METRICS,
     base_metric,

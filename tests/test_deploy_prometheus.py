@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.deploy_support import (
+from tests.support.deploy import (
     DEPLOY,
     DOCS,
     KNOWN_METRICS,

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from psycopg.types.json import Jsonb
 
 from schemas.tenant import Dkim
-from tests.dkim_support import FakeResolver, dkimpy_verify, perl_verify, plain, txt_rdata
+from tests.support.dkim import FakeResolver, dkimpy_verify, perl_verify, plain, txt_rdata
 from worker.cli import dkim as dkim_cli
 from worker.errors import ConfigurationError, UnknownTenant
 from worker.job.signature import DkimSigner, load_key, sign_message

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import RunningWorker, received_messages, send_jobs, wait_final
-from tests.dkim_support import dkimpy_verify, perl_verify
+from tests.support.dkim import dkimpy_verify, perl_verify
+from tests.support.ledger import wait_final
+from tests.support.services import RunningWorker, send_jobs
+from tests.support.smtp import received_messages
 from worker.db import Connection
 from worker.settings import Settings
 from worker.testbed.documents import make_job

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import SecretStr
 
 from schemas.tenant import Dkim
-from tests.dkim_support import MESSAGES, dkimpy_verify, perl_verify, plain
+from tests.support.dkim import MESSAGES, dkimpy_verify, perl_verify, plain
 from worker.errors import ConfigurationError, PermanentError
 from worker.job.signature import (
     OVERSIGNED_HEADERS,

@@ -7,7 +7,9 @@ import json
 import time
 from typing import Any
 
-from tests.conftest import RunningWorker, postbote, received_messages, send_jobs, wait_final
+from tests.support.ledger import wait_final
+from tests.support.services import RunningWorker, postbote, send_jobs
+from tests.support.smtp import received_messages
 from worker.db import Connection
 from worker.settings import Settings
 from worker.testbed.documents import make_job

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tests.conftest import RunningWorker, postbote
-from tests.observe_support import http_get, wait_for
+from tests.support.observe import http_get, wait_for
+from tests.support.services import RunningWorker, postbote
 from worker.settings import Settings
 from worker.testbed.sink import free_port
 

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from tests.conftest import RunningWorker, send_jobs, wait_final
-from tests.observe_support import wait_for
+from tests.support.ledger import wait_final
+from tests.support.observe import wait_for
+from tests.support.services import RunningWorker, send_jobs
 from worker.db import Connection
 from worker.logs import OUTCOME_FIELDS
 from worker.settings import Settings

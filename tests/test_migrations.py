@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import postbote
+from tests.support.services import postbote
 from worker.db import Connection, migrations
 from worker.settings import Settings
 

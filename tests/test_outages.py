@@ -16,8 +16,8 @@ import pytest
 import yaml
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from tests.conftest import RunningWorker, send_jobs
-from tests.faultkit import PrivatePostgres, PrivateRabbitmq, assert_sent_once_or_dead, cleanup, own_queues
+from tests.support.faults import PrivatePostgres, PrivateRabbitmq, assert_sent_once_or_dead
+from tests.support.services import RunningWorker, delete_queues, isolated_settings, send_jobs
 from worker.db import connect, ensure_database, upgrade
 from worker.settings import Settings
 from worker.testbed.documents import make_job
@@ -106,7 +106,7 @@ def wait_received(sink: Sink, count: int, worker: RunningWorker, timeout: float 
 def test_rabbitmq_restarted_mid_run_loses_nothing_and_sends_nothing_twice(
     settings: Settings, rabbitmq: PrivateRabbitmq, slow_sink: Sink, make_tenant: Any, tmp_path: Path
 ) -> None:
-    own = own_queues(settings, broker_url=rabbitmq.url, min_backoff_ms=100, max_backoff_ms=500)
+    own = isolated_settings(settings, broker_url=rabbitmq.url, min_backoff_ms=100, max_backoff_ms=500)
     ids = send_jobs(own, jobs(add_tenant(own.database_url, slow_sink, tmp_path), 40))
     worker = RunningWorker(own, processes=1, threads=4)
     try:
@@ -124,7 +124,7 @@ def test_rabbitmq_restarted_mid_run_loses_nothing_and_sends_nothing_twice(
 def test_postgresql_unreachable_for_a_while_loses_nothing_and_sends_nothing_twice(
     settings: Settings, postgres: PrivatePostgres, slow_sink: Sink, tmp_path: Path
 ) -> None:
-    own = own_queues(
+    own = isolated_settings(
         settings,
         database_url=postgres.url("postbote_outage"),
         smtp_timeout_ms=1000,
@@ -147,4 +147,4 @@ def test_postgresql_unreachable_for_a_while_loses_nothing_and_sends_nothing_twic
         assert "database" in worker.output()
     finally:
         worker.stop()
-        cleanup(own)
+        delete_queues(own)

@@ -12,8 +12,9 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from tests.conftest import RunningWorker, send_jobs, wait_final
-from tests.observe_support import http_get, wait_for, wait_metrics
+from tests.support.ledger import wait_final
+from tests.support.observe import http_get, wait_for, wait_metrics
+from tests.support.services import RunningWorker, send_jobs
 from worker.db import Connection
 from worker.settings import Settings
 from worker.testbed.documents import make_job

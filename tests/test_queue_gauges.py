@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from schemas.constants import METRIC_QUEUE_MESSAGES, METRIC_QUEUE_OLDEST_AGE_SECONDS
-from tests.conftest import RunningWorker, send_jobs, wait_final
-from tests.observe_support import http_get, sample, wait_for, wait_metrics
+from tests.support.ledger import wait_final
+from tests.support.observe import http_get, sample, wait_for, wait_metrics
+from tests.support.services import RunningWorker, send_jobs
 from worker.db import Connection
 from worker.runtime.queue_gauges import StartedMarks, oldest_age
 from worker.settings import Settings

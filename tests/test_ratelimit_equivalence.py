@@ -18,7 +18,7 @@ from datetime import datetime
 import psycopg
 import pytest
 
-from tests.ratelimit_support import series_database
+from tests.support.ratelimit import series_database
 from worker.job.ratelimit import Lease, MemoryBackend, PostgresBackend, SeriesBackend, Wait
 from worker.job.ratelimit.series import SeriesState
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.ratelimit_support import oversized
+from tests.support.ratelimit import oversized
 from worker.errors import DatabaseUnavailable
 from worker.job.ratelimit import Lease, MemoryBackend, PostgresBackend, SeriesLimiter, Throttled, Wait
 from worker.job.ratelimit.pool import TenantPool

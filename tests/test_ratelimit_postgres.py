@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from schemas.tenant import Smtp
-from tests.ratelimit_support import (
+from tests.support.ratelimit import (
     Sender,
     chunks,
     oversized,

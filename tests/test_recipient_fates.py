@@ -13,16 +13,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningWorker, postbote, send_jobs
-from tests.faultkit import (
-    assert_sent_once_or_dead,
-    cleanup,
-    dead_reasons,
-    own_queues,
-    recipient_states,
-    worker_children,
-)
-from tests.observe_support import metrics_when, sample, wait_for
+from tests.support.faults import assert_sent_once_or_dead, worker_children
+from tests.support.ledger import dead_reasons, recipient_states
+from tests.support.observe import metrics_when, sample, wait_for
+from tests.support.services import RunningWorker, delete_queues, isolated_settings, postbote, send_jobs
 from worker.db import Connection
 from worker.settings import Settings
 from worker.testbed.documents import make_job
@@ -37,9 +31,9 @@ UNKNOWN = "550 5.1.1 user unknown"
 
 @pytest.fixture(scope="module")
 def fate_settings(settings: Settings) -> Iterator[Settings]:
-    own = own_queues(settings, max_attempts=4, min_backoff_ms=300, max_backoff_ms=800)
+    own = isolated_settings(settings, max_attempts=4, min_backoff_ms=300, max_backoff_ms=800)
     yield own
-    cleanup(own)
+    delete_queues(own)
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +235,7 @@ def test_a_421_in_the_middle_of_the_envelope_is_retried_and_reaches_each_recipie
 def test_a_worker_killed_while_a_greylisted_customer_waits_sends_no_one_a_second_mail(
     settings: Settings, make_tenant: Any, rules_sink: Any, db: Connection
 ) -> None:
-    slow = own_queues(settings, max_attempts=4, min_backoff_ms=4000, max_backoff_ms=5000)
+    slow = isolated_settings(settings, max_attempts=4, min_backoff_ms=4000, max_backoff_ms=5000)
     sink = rules_sink(rules={"grau@example.com": [GREYLISTED, None]})
     tenant = make_tenant(
         smtp={"host": sink.host, "port": sink.port, "security": "none"},
@@ -268,7 +262,7 @@ def test_a_worker_killed_while_a_greylisted_customer_waits_sends_no_one_a_second
         assert "exited with -9" in worker.output()
     finally:
         worker.stop()
-        cleanup(slow)
+        delete_queues(slow)
 
 
 def test_a_customer_still_greylisted_after_the_last_attempt_leaves_the_job_partial_not_dead(

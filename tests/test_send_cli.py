@@ -9,7 +9,7 @@ import pika
 import pytest
 
 from schemas.constants import DOCUMENTS_QUEUE, queue_name
-from tests.conftest import delete_queues, postbote
+from tests.support.services import delete_queues, postbote
 from worker.settings import Settings
 from worker.testbed.documents import make_job
 

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningWorker, postbote, received_messages, send_jobs, wait_final
-from tests.faultkit import recipient_states
+from tests.support.ledger import recipient_states, wait_final
+from tests.support.services import RunningWorker, postbote, send_jobs
+from tests.support.smtp import received_messages
 from worker.db import Connection
 from worker.settings import Settings
 from worker.testbed.documents import make_job

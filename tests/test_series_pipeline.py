@@ -9,8 +9,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import RunningWorker, received_messages, send_jobs, wait_final
-from tests.ratelimit_support import oversized
+from tests.support.ledger import wait_final
+from tests.support.ratelimit import oversized
+from tests.support.services import RunningWorker, send_jobs
+from tests.support.smtp import received_messages
 from worker.db import Connection
 from worker.settings import Settings
 from worker.testbed.documents import make_job

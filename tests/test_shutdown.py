@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 
 from schemas.constants import JOB_HEADER
-from tests.conftest import RunningWorker, received_messages, send_jobs, wait_final
-from tests.observe_support import wait_metrics
+from tests.support.ledger import wait_final
+from tests.support.observe import wait_metrics
+from tests.support.services import RunningWorker, send_jobs
+from tests.support.smtp import received_messages
 from worker.db import Connection
 from worker.settings import Settings
 from worker.testbed.documents import make_job

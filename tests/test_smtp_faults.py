@@ -17,17 +17,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import RunningWorker, send_jobs, wait_final
-from tests.faultkit import (
-    assert_sent_once_or_dead,
-    cleanup,
-    dead_reasons,
-    dramatiq_message,
-    own_queues,
-    publish_raw,
-    recipient_states,
-    wait_dead,
-)
+from tests.support.faults import assert_sent_once_or_dead, dramatiq_message, publish_raw
+from tests.support.ledger import dead_reasons, recipient_states, wait_dead, wait_final
+from tests.support.services import RunningWorker, delete_queues, isolated_settings, send_jobs
 from worker.db import Connection
 from worker.settings import Settings
 from worker.testbed.documents import make_job
@@ -47,7 +39,7 @@ MAX_ATTEMPTS = 4
 @pytest.fixture(scope="module")
 def fault_settings(settings: Settings) -> Iterator[Settings]:
     """A short SMTP timeout, few attempts and quick retries, on queues of their own."""
-    own = own_queues(
+    own = isolated_settings(
         settings,
         smtp_timeout_ms=1500,
         max_attempts=MAX_ATTEMPTS,
@@ -56,7 +48,7 @@ def fault_settings(settings: Settings) -> Iterator[Settings]:
         max_job_bytes=200_000,
     )
     yield own
-    cleanup(own)
+    delete_queues(own)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from schemas.tenant import Smtp
-from tests.auth_sinks import PASSWORD, TOKEN, USER, attempts, certificates, running
+from tests.support.auth_sinks import PASSWORD, TOKEN, USER, attempts, certificates, running
 from worker.errors import ConfigurationError, PostboteError, SmtpRejected, TransientError
 from worker.job.compose import Composed
 from worker.job.smtp import Delivery, SmtpPool, oauth

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from tests.smtp_support import message, server_of, sink_starter
+from tests.support.smtp import message, server_of, sink_starter
 from worker.errors import SmtpRejected, SmtpTemporaryFailure
 from worker.job.compose import Composed
 from worker.job.smtp import Delivery, SmtpPool
+from worker.library_internals import unread_input
 from worker.testbed.sink import Sink
 from worker.testbed.sink.faults import FaultyHandler, RecipientLimit, RefuseRecipients, TemporaryFailures
 
@@ -27,7 +28,7 @@ class BufferAtMail(FaultyHandler):
     async def handle_MAIL(  # noqa: N802
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
-        self.behind_mail.append(bytes(server._reader._buffer))  # type: ignore[attr-defined]
+        self.behind_mail.append(unread_input(server))
         return await super().handle_MAIL(server, session, envelope, address, mail_options)
 
 

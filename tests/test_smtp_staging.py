@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from tests.smtp_support import message, server_of, sink_starter
+from tests.support.smtp import message, server_of, sink_starter
 from worker.errors import SmtpRejected
 from worker.job.smtp import SmtpPool
 from worker.testbed.sink import Sink

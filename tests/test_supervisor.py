@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from schemas.constants import DRAMATIQ_MESSAGES_IN_PROGRESS, METRIC_MAILS_SENT, queue_name
-from tests.conftest import RunningWorker, send_jobs, wait_final
-from tests.observe_support import http_get, metrics_when, sample, wait_for, wait_metrics
+from tests.support.ledger import wait_final
+from tests.support.observe import http_get, metrics_when, sample, wait_for, wait_metrics
+from tests.support.services import RunningWorker, send_jobs
 from worker.db import Connection
 from worker.settings import Settings
 from worker.testbed.documents import make_job

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import postbote
+from tests.support.services import postbote
 from worker.db import Connection
 from worker.settings import Settings
 

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningWorker, received_messages, send_jobs, wait_final
-from tests.smtp_support import message, server_of, sink_starter
+from tests.support.ledger import wait_final
+from tests.support.services import RunningWorker, send_jobs
+from tests.support.smtp import message, received_messages, server_of, sink_starter
 from worker.db import Connection
 from worker.errors import SmtpConnectionError
 from worker.job.smtp import SmtpPool

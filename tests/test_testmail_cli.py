@@ -8,9 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.auth_sinks import PASSWORD, TOKEN, USER, attempts, certificates, running, smtp_settings
-from tests.conftest import postbote, received_messages
-from tests.dkim_support import dkimpy_verify
+from tests.support.auth_sinks import PASSWORD, TOKEN, USER, attempts, certificates, running, smtp_settings
+from tests.support.dkim import dkimpy_verify
+from tests.support.services import postbote
+from tests.support.smtp import received_messages
 from worker.settings import Settings
 from worker.testbed.sink import Sink, free_port
 from worker.tools.dkim_keys import dns_record, generate_private_key, private_key_pem

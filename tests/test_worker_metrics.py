@@ -7,8 +7,9 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.constants import DRAMATIQ_MESSAGES, METRIC_MAILS_SENT, SEND_DOCUMENT_ACTOR, queue_name
-from tests.conftest import RunningWorker, send_jobs, wait_final
-from tests.observe_support import http_get, sample, wait_for
+from tests.support.ledger import wait_final
+from tests.support.observe import http_get, sample, wait_for
+from tests.support.services import RunningWorker, send_jobs
 from worker.db import Connection
 from worker.settings import Settings
 from worker.testbed.documents import make_job

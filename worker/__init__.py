@@ -5,5 +5,6 @@
 - ``worker.tools``: what operators run: dead-letter queue, tenant file, DKIM keys, test mail, demo.
 - ``worker.cli``: the ``postbote`` command, thin wrappers over the tools and the runtime.
 - ``worker.testbed``: the SMTP sink and sample documents for the demo and the tests.
-- Shared by all: ``settings``, ``errors``, ``vocabulary``, ``db``, ``logs``.
+- Shared by all: ``settings``, ``errors``, ``vocabulary``, ``db``, ``logs``, and
+  ``library_internals``: every use of a library's private parts, each with its guard test.
 """

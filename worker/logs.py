@@ -10,6 +10,8 @@ from typing import Any
 from dramatiq.broker import MessageProxy
 from dramatiq.message import Message
 
+from worker.vocabulary import LogOutcome
+
 OUTCOME_LOGGER = logging.getLogger("postbote.outcome")
 
 
@@ -67,14 +69,16 @@ OUTCOME_FIELDS = ("job_id", "tenant", "document", "sender", "reason", "smtp_repl
 """The fields every outcome line has (``null`` in JSON, left out in text, when they do not apply)."""
 
 
-def log_outcome(outcome: str, **fields: Any) -> None:
+_QUIET = frozenset({LogOutcome.SENT, LogOutcome.DUPLICATE_PREVENTED, LogOutcome.DEFERRED_SERIES})
+
+
+def log_outcome(outcome: LogOutcome, **fields: Any) -> None:
     """One line per job outcome: job id, tenant, document, sender, outcome, reason, SMTP reply, duration.
 
     Extra fields (``detail``, ``refused``, ``status``) are appended. Never pass
     message bodies or secrets here.
     """
-    quiet = ("sent", "duplicate_prevented", "deferred_series")
-    level = logging.INFO if outcome in quiet else logging.WARNING
+    level = logging.INFO if outcome in _QUIET else logging.WARNING
     record = {"outcome": outcome, **dict.fromkeys(OUTCOME_FIELDS), **fields}
     OUTCOME_LOGGER.log(level, "job %s", outcome, extra={"fields": record})
 

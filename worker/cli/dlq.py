@@ -146,7 +146,9 @@ def _confirmed(count: int) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _age(now: datetime, then: datetime) -> str:
+def _age(now: datetime, then: datetime | None) -> str:
+    if then is None:
+        return "-"
     seconds = int((now - then).total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import threading
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+
+from cachetools import TTLCache
 
 from schemas.job import DocumentType
 from schemas.tenant import Dkim, Smtp
@@ -103,24 +105,34 @@ def load_account(conn: Connection, tenant_id: str) -> Account:
 
 
 class AccountCache:
-    """Accounts by tenant id, each kept for ``ttl_ms`` (the documented settings cache time)."""
+    """Accounts by tenant id, each kept for ``ttl_ms`` (the documented settings cache time).
+
+    Safe to share between threads. Two threads missing the same tenant at once both read
+    it; the later read is kept.
+    """
 
     def __init__(self, connection: Callable[[], AbstractContextManager[Connection]], *, ttl_ms: int) -> None:
         self._connection = connection
-        self._ttl_s = ttl_ms / 1000
-        self._lock = threading.Lock()
-        self._entries: dict[str, tuple[float, Account]] = {}
+        self._lock = threading.Lock()  # a TTLCache is not thread-safe; even a read reorders it
+        # No size bound, as many tenants as the worker serves: each insert drops the expired ones.
+        self._accounts: TTLCache[str, Account] = TTLCache(maxsize=math.inf, ttl=ttl_ms / 1000)
 
     def get(self, tenant_id: str) -> Account:
-        now = time.monotonic()
-        with self._lock:
-            entry = self._entries.get(tenant_id)
-        if entry is not None and now - entry[0] < self._ttl_s:
-            return entry[1]
+        """The tenant's account, read again once ``ttl_ms`` have passed since it was last read.
+
+        Raises:
+          UnknownTenant: no such tenant.
+          DatabaseUnavailable: the database cannot be reached.
+        """
+        try:
+            with self._lock:
+                return self._accounts[tenant_id]
+        except KeyError:
+            pass
         with self._connection() as conn:
             account = load_account(conn, tenant_id)
         with self._lock:
-            self._entries[tenant_id] = (now, account)
+            self._accounts[tenant_id] = account
         return account
 
 

@@ -1,46 +1,51 @@
-"""Wires the stages together: job → ledger claim → sender → message → signature → series slot → SMTP → ledger.
+"""Wires the stages together, in this order:
+
+intake → ledger claim → accounts → senders → recipients → compose → signature → series slot
+→ SMTP → outcome → ledger record (→ dead-letter store, or a retry).
 
 Only this module knows the order. Each stage takes and returns plain values.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import socket
 import threading
 import time
 import uuid
-from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any
-from uuid import UUID
 
 import dramatiq
+from cachetools import TTLCache
 from dramatiq.middleware import CurrentMessage
-from pydantic import ValidationError
 
 from schemas.constants import RECEIPTS_QUEUE, actor_of, queue_name
 from schemas.job import DocumentType, Job
 from worker.db import make_pool
 from worker.errors import (
     ClaimedElsewhere,
+    CrashLoop,
     DatabaseUnavailable,
     DeliveryDeferred,
     DeliveryFailed,
     InvalidJob,
+    JobIdConflict,
     OutcomeUnrecorded,
     PermanentError,
     SenderNotPermitted,
+    Throttled,
     TransientError,
 )
 from worker.job.accounts import Account, AccountCache
 from worker.job.addresses import needs_smtputf8
 from worker.job.compose import Composed, compose_message
-from worker.job.deadletter import dead_entry, store_dead_job
+from worker.job.deadletter import dead_job, store_dead_job
+from worker.job.intake import job_id_of, payload_digest, read_job, tenant_of
 from worker.job.ledger import (
     Claim,
+    ClaimResult,
     Progress,
     claim_job,
     load_progress,
@@ -50,78 +55,44 @@ from worker.job.ledger import (
     release_claim,
     renew_claim,
 )
-from worker.job.outcome import AttemptRecord, Fate, State, Status, settle
-from worker.job.ratelimit import PostgresBackend, SeriesLimiter, Throttled
-from worker.job.recipients import Recipients, recipients_for
+from worker.job.outcome import AttemptRecord, Fate, settle
+from worker.job.ratelimit import PostgresBackend, SeriesLimiter
+from worker.job.recipients import recipients_for
 from worker.job.senders import resolve_sender
 from worker.job.signature import DkimSigner, load_signer, sign_message
-from worker.job.smtp import SmtpPool, SmtpReply
+from worker.job.smtp import Delivery, SmtpPool
 from worker.logs import log_outcome
 from worker.runtime import metrics
-from worker.runtime.middleware.retries import UNRECORDED_OUTCOME, retry_delay_ms
+from worker.runtime.middleware.retries import QUIET_FAILURES, UNRECORDED_OUTCOME, retry_delay_ms
 from worker.settings import Settings
+from worker.vocabulary import LogOutcome, Reason, RecipientState, Status
 
 logger = logging.getLogger(__name__)
 
 _SIGNER_REFRESH_S = 60.0
+"""A signer is rebuilt at least this often, so a key file replaced on disk is picked up."""
 
 
-def payload_digest(data: dict[str, Any]) -> str:
-    """Fingerprint of a job's content: the same job id with another payload is a conflict.
-
-    Independent of key order (a replayed job comes back from a jsonb column). Attachment
-    contents are hashed as they are instead of going through the JSON encoder.
-    """
-    attachments = data.get("attachments")
-    contents: list[bytes] = []
-    if isinstance(attachments, list) and all(isinstance(a, dict) for a in attachments):
-        contents = [str(a.get("content_base64", "")).encode() for a in attachments]
-        data = {
-            **data,
-            "attachments": [{k: v for k, v in a.items() if k != "content_base64"} for a in attachments],
-        }
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
-    for content in contents:
-        digest.update(b"\0" + content)
-    return digest.hexdigest()
-
-
-@dataclass
 class Pipeline:
-    """The per-process resources of the stages and the order they run in."""
+    """The per-process resources of the stages, and the order they run in."""
 
-    settings: Settings
-    holder: str = field(default_factory=lambda: f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}")
-
-    def __post_init__(self) -> None:
-        self.db = make_pool(self.settings.database_url, max_size=16)
-        self.accounts = AccountCache(self.db.connection, ttl_ms=self.settings.settings_cache_ms)
+    def __init__(self, settings: Settings, *, holder: str | None = None) -> None:
+        self.settings = settings
+        self.holder = holder or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        self.db = make_pool(settings.database_url, max_size=16)
+        self.accounts = AccountCache(self.db.connection, ttl_ms=settings.settings_cache_ms)
         self.smtp = SmtpPool(
-            timeout_ms=self.settings.smtp_timeout_ms,
+            timeout_ms=settings.smtp_timeout_ms,
             on_connect=lambda tenant: metrics.SMTP_CONNECTIONS_OPENED.labels(tenant).inc(),
         )
-        self._signers: dict[str, tuple[object, DkimSigner, float]] = {}
-        self._signers_lock = threading.Lock()
         self.limiter = SeriesLimiter(
-            PostgresBackend(self.settings.database_url),
-            holder_id=self.holder,
-            lease_ms=self.settings.series_lease_ms,
+            PostgresBackend(settings.database_url), holder_id=self.holder, lease_ms=settings.series_lease_ms
         )
         self.brokers: dict[str, dramatiq.Broker] = {}
-
-    def _signer(self, account: Account) -> DkimSigner:
-        """The tenant's signer: rebuilt when its DKIM settings change, and at least every minute
-        so a key file replaced on disk is picked up; one thread builds it while the others wait."""
-        assert account.dkim is not None
-        cached = self._signers.get(account.id)
-        now = time.monotonic()
-        if cached is not None and cached[0] == account.dkim and now - cached[2] < _SIGNER_REFRESH_S:
-            return cached[1]
-        with self._signers_lock:
-            cached = self._signers.get(account.id)
-            if cached is None or cached[0] != account.dkim or now - cached[2] >= _SIGNER_REFRESH_S:
-                cached = self._signers[account.id] = (account.dkim, load_signer(account.dkim), now)
-        return cached[1]
+        self._signers: TTLCache[str, tuple[object, DkimSigner]] = TTLCache(
+            maxsize=4096, ttl=_SIGNER_REFRESH_S
+        )
+        self._signers_lock = threading.Lock()
 
     def close(self) -> None:
         self.limiter.close()
@@ -132,17 +103,10 @@ class Pipeline:
     def process(self, *args: Any, **kwargs: Any) -> None:
         """Handle one job message; permanent failures are recorded and dead-lettered, transient ones raised."""
         started = time.monotonic()
-        if len(args) != 1 or kwargs:
-            problem = f"expected one job argument, got {len(args)} and {len(kwargs)} keyword arguments"
-            self._dead_letter_invalid(
-                args, InvalidJob(f"not a postbote job message: {problem}", reason="not_a_job")
-            )
-            return
-        data = args[0]
         try:
-            job = Job.model_validate(data, context={"max_job_bytes": self.settings.max_job_bytes})
-        except ValidationError as e:
-            self._dead_letter_invalid(data, InvalidJob(_validation_summary(e)))
+            job, data = read_job(args, kwargs, max_job_bytes=self.settings.max_job_bytes)
+        except InvalidJob as e:
+            self._dead_letter_invalid(args[0] if len(args) == 1 else args, e)
             return
         message = CurrentMessage.get_current_message()
         carried = message.options.get(UNRECORDED_OUTCOME) if message else None
@@ -154,18 +118,31 @@ class Pipeline:
         except Throttled as e:
             with self.db.connection() as conn:
                 release_claim(conn, job.job_id)
-            self._defer(job, e.retry_in_ms, "deferred_series")
+            self._defer(job, e.retry_in_ms)
         except PermanentError as e:
             self._fail(job, e, started)
         except TransientError as e:
-            # These leave the claim alone: another worker holds it, or the mail went out.
-            if not isinstance(e, (ClaimedElsewhere, OutcomeUnrecorded)):
+            # These leave the claim alone: another worker holds it, or the server answered.
+            if not isinstance(e, ClaimedElsewhere | OutcomeUnrecorded):
                 self._retry_later(job, e, started)
             raise
 
     def _send(self, job: Job, data: dict[str, Any], started: float) -> None:
         claim_ms = self.settings.series_max_wait_ms + 4 * self.settings.smtp_timeout_ms
         claimed_at = time.monotonic()
+        claim = self._claim(job, data, claim_ms)
+        if claim is None:
+            return
+        account = self.accounts.get(job.tenant)
+        message, fates = self._prepare(job, account, claim)
+        attempt_started = time.time()
+        delivery = self._transmit(job, account, message, claimed_at, claim_ms)
+        self._conclude(
+            job, self._attempt_record(job, claim, message, fates, delivery, attempt_started), started
+        )
+
+    def _claim(self, job: Job, data: dict[str, Any], claim_ms: int) -> ClaimResult | None:
+        """Claim the job in the ledger; ``None`` when it already ended (acknowledged unsent)."""
         with self.db.connection() as conn:
             claim = claim_job(
                 conn,
@@ -178,51 +155,99 @@ class Pipeline:
         if claim.claim is Claim.DONE:
             metrics.DUPLICATES_PREVENTED.labels(job.tenant).inc()
             log_outcome(
-                "duplicate_prevented",
+                LogOutcome.DUPLICATE_PREVENTED,
                 job_id=job.job_id,
                 tenant=job.tenant,
                 document=f"{job.document.type.value} {job.document.number}",
                 status=claim.status,
             )
-            return
+            return None
         if claim.claim is Claim.CONFLICT:
-            raise InvalidJob(
-                f"job id {job.job_id} was already used for a different payload", reason="job_id_conflict"
-            )
+            raise JobIdConflict(f"job id {job.job_id} was already used for a different payload")
         if claim.claim is Claim.BUSY:
             raise ClaimedElsewhere(
                 f"job {job.job_id} is being sent by another worker", retry_in_ms=claim.remaining_ms
             )
         if claim.claim is Claim.CRASH_LOOP:
-            raise PermanentError(
-                f"{claim.takeovers} deliveries of job {job.job_id} ended with their worker dying",
-                reason="crash_loop",
-            )
+            raise CrashLoop(f"{claim.takeovers} deliveries of job {job.job_id} ended with their worker dying")
         if claim.claim is Claim.TAKEN_OVER:
             metrics.POSSIBLE_DUPLICATES.labels(job.tenant).inc()
+        return claim
 
-        account = self.accounts.get(job.tenant)
-        earlier = None
+    def _prepare(self, job: Job, account: Account, claim: ClaimResult) -> tuple[Composed, tuple[Fate, ...]]:
+        """The message of this attempt and the recipients' fates before it.
+
+        A job some recipients already got goes to the ones still pending with the very
+        bytes the others got; otherwise it is composed and signed anew, for the recipients
+        not yet refused for good.
+        """
+        earlier: Progress | None = None
         if claim.attempts > 1:
             with self.db.connection() as conn:
                 earlier = load_progress(conn, job.job_id)
-        message, fates = self._message(job, account, earlier)
-        attempt_started = time.time()
+        if earlier is None or not earlier.fates:
+            recipients = recipients_for(job, account)
+            message = compose_message(job, resolve_sender(job, account), recipients)
+            return self._signed(message, account), tuple(Fate(r.address, r.role) for r in recipients.envelope)
+        pending = [f for f in earlier.fates if f.state is RecipientState.PENDING]
+        reached = any(f.role.customer_facing and f.state is RecipientState.ACCEPTED for f in earlier.fates)
+        internal = frozenset(() if reached else (f.address for f in pending if not f.role.customer_facing))
+        addresses = tuple(f.address for f in pending)
+        if earlier.message is not None and earlier.sender and earlier.message_id:
+            kept = Composed(
+                data=earlier.message,
+                mail_from=earlier.sender,
+                recipients=addresses,
+                message_id=earlier.message_id,
+                smtputf8=any(needs_smtputf8(a) for a in (earlier.sender, *addresses)),
+                internal=internal,
+            )
+            return kept, earlier.fates
+        message = compose_message(job, resolve_sender(job, account), recipients_for(job, account))
+        return replace(self._signed(message, account), recipients=addresses, internal=internal), earlier.fates
+
+    def _signed(self, message: Composed, account: Account) -> Composed:
+        if account.dkim is None:
+            return message
+        signing_started = time.monotonic()
+        signed = replace(message, data=sign_message(message.data, self._signer(account)))
+        metrics.DKIM_SIGN_SECONDS.observe(time.monotonic() - signing_started)
+        return signed
+
+    def _signer(self, account: Account) -> DkimSigner:
+        """The tenant's signer: rebuilt when its DKIM settings change, and at least every minute;
+        one thread builds it while the others wait."""
+        assert account.dkim is not None
+        cached = self._signers.get(account.id)
+        if cached is not None and cached[0] == account.dkim:
+            return cached[1]
+        with self._signers_lock:
+            cached = self._signers.get(account.id)
+            if cached is None or cached[0] != account.dkim:
+                cached = self._signers[account.id] = (account.dkim, load_signer(account.dkim))
+        return cached[1]
+
+    def _transmit(
+        self, job: Job, account: Account, message: Composed, claimed_at: float, claim_ms: int
+    ) -> Delivery:
+        """The series slot, then SMTP. A throttled tenant's mail says MAIL FROM and RCPT TO while
+        it waits for its slot, so only DATA is left once the series opens."""
         receipt = job.document.type is DocumentType.RECEIPT
-        # Throttled mail says MAIL FROM and RCPT TO while it waits for its slot, so only DATA
-        # is left once the series opens.
-        with (
-            self.smtp.staged(account.id, account.smtp, message, priority=receipt)
-            if account.pause_ms > 0
-            else nullcontext() as staged,
-            self.limiter.slot(
-                account.id,
-                batch_size=account.batch_size,
-                pause_ms=account.pause_ms,
-                priority=receipt,
-                max_wait_ms=self.settings.series_max_wait_ms,
-            ) as slot,
-        ):
+        with ExitStack() as stack:
+            staged = None
+            if account.pause_ms > 0:
+                staged = stack.enter_context(
+                    self.smtp.staged(account.id, account.smtp, message, priority=receipt)
+                )
+            slot = stack.enter_context(
+                self.limiter.slot(
+                    account.id,
+                    batch_size=account.batch_size,
+                    pause_ms=account.pause_ms,
+                    priority=receipt,
+                    max_wait_ms=self.settings.series_max_wait_ms,
+                )
+            )
             metrics.RATELIMIT_WAIT_SECONDS.labels(job.tenant).observe(slot.waited_ms / 1000)
             if time.monotonic() - claimed_at > claim_ms / 2000:
                 # A long series wait must not outlive the claim; a short one leaves it ample time.
@@ -237,10 +262,25 @@ class Pipeline:
             else:
                 delivery = self.smtp.deliver(account.id, account.smtp, message)
             metrics.SMTP_SEND_SECONDS.labels(job.tenant).observe(time.monotonic() - sent_at)
+        return delivery
+
+    def _attempt_record(
+        self,
+        job: Job,
+        claim: ClaimResult,
+        message: Composed,
+        fates: tuple[Fate, ...],
+        delivery: Delivery,
+        attempt_started: float,
+    ) -> AttemptRecord:
         verdict = settle(fates, delivery)
         current = CurrentMessage.get_current_message()
         waiting = verdict.status is Status.RETRYING
-        record = AttemptRecord(
+        if delivery.error is not None:
+            reply: str | None = str(delivery.error)
+        else:
+            reply = str(delivery.reply) if delivery.reply is not None else None
+        return AttemptRecord(
             job_id=job.job_id,
             attempt=claim.attempts,
             started_at=attempt_started,
@@ -249,54 +289,11 @@ class Pipeline:
             tried=message.recipients,
             sender=message.mail_from,
             message_id=message.message_id,
-            reply=str(delivery.error) if delivery.error is not None else _reply_text(delivery.reply),
+            reply=reply,
             verdict=verdict,
             message=message.data if waiting and verdict.reached else None,
             next_attempt_ms=retry_delay_ms(current, self.settings) if waiting and current else None,
         )
-        self._conclude(job, record, started)
-
-    def _message(
-        self, job: Job, account: Account, earlier: Progress | None
-    ) -> tuple[Composed, tuple[Fate, ...]]:
-        """The message of this attempt and the recipients' fates before it.
-
-        A job some recipients already got goes to the ones still pending with the very
-        bytes the others got; otherwise it is composed and signed anew, for the recipients
-        not yet refused for good.
-        """
-        if earlier is not None and earlier.fates:
-            pending = [f for f in earlier.fates if f.state is State.PENDING]
-            reached = any(f.role.customer_facing and f.state is State.ACCEPTED for f in earlier.fates)
-            internal = frozenset(
-                () if reached else (f.address for f in pending if not f.role.customer_facing)
-            )
-            addresses = tuple(f.address for f in pending)
-            if earlier.message is not None and earlier.sender and earlier.message_id:
-                kept = Composed(
-                    data=earlier.message,
-                    mail_from=earlier.sender,
-                    recipients=addresses,
-                    message_id=earlier.message_id,
-                    smtputf8=any(needs_smtputf8(a) for a in (earlier.sender, *addresses)),
-                    internal=internal,
-                )
-                return kept, earlier.fates
-            composed = self._compose(job, account)
-            return replace(composed, recipients=addresses, internal=internal), earlier.fates
-        recipients = recipients_for(job, account)
-        return self._compose(job, account, recipients), tuple(
-            Fate(r.address, r.role) for r in recipients.envelope
-        )
-
-    def _compose(self, job: Job, account: Account, recipients: Recipients | None = None) -> Composed:
-        recipients = recipients or recipients_for(job, account)
-        message = compose_message(job, resolve_sender(job, account), recipients)
-        if account.dkim is not None:
-            signing_started = time.monotonic()
-            message = replace(message, data=sign_message(message.data, self._signer(account)))
-            metrics.DKIM_SIGN_SECONDS.observe(time.monotonic() - signing_started)
-        return message
 
     def _conclude(self, job: Job, record: AttemptRecord, started: float) -> None:
         """Record an attempt and act on its verdict: count a sent job, or raise for a retry or the
@@ -304,21 +301,16 @@ class Pipeline:
         status = self._record_durably(record)
         verdict = record.verdict
         for fate in verdict.settled:
-            metrics.RECIPIENTS.labels(job.tenant, fate.role.value, fate.state.value).inc()
+            metrics.RECIPIENTS.labels(job.tenant, fate.role, fate.state).inc()
+        detail = verdict.detail or ""
         if status is Status.RETRYING:
-            raise DeliveryDeferred(
-                verdict.detail or "recipients waiting", reason=verdict.reason, smtp_reply=verdict.smtp_reply
-            )
+            raise DeliveryDeferred(detail, reason=verdict.reason, smtp_reply=verdict.smtp_reply)
         if status is Status.FAILED:
-            raise DeliveryFailed(
-                verdict.detail or "no recipient accepted",
-                reason=verdict.reason,
-                smtp_reply=verdict.smtp_reply,
-            )
+            raise DeliveryFailed(detail, reason=verdict.reason, smtp_reply=verdict.smtp_reply)
         metrics.MAILS_SENT.labels(job.tenant, job.document.type.value).inc()
-        refused = [f.address for f in verdict.fates if f.state is State.REFUSED]
+        refused = [f.address for f in verdict.fates if f.state is RecipientState.REFUSED]
         log_outcome(
-            status.value,
+            LogOutcome(status),
             job_id=job.job_id,
             tenant=job.tenant,
             document=f"{job.document.type.value} {job.document.number}",
@@ -327,15 +319,6 @@ class Pipeline:
             refused=",".join(refused) or None,
             duration_ms=round((time.monotonic() - started) * 1000),
         )
-
-    def _defer(self, job: Job, delay_ms: int, outcome: str) -> None:
-        """Waiting is not failing: hand the job back to the broker for later without using a retry."""
-        message = CurrentMessage.get_current_message()
-        assert message is not None
-        # Capped like a retry's backoff: a delayed message waits unacknowledged in the consumer.
-        delay_ms = min(delay_ms, self.settings.max_backoff_ms)
-        self.brokers[message.queue_name].enqueue(message.copy(), delay=delay_ms)
-        log_outcome(outcome, job_id=job.job_id, tenant=job.tenant, retry_in_ms=delay_ms)
 
     def _record_durably(self, record: AttemptRecord) -> Status:
         """After the server answered, the ledger write must not be lost to a database blip.
@@ -356,10 +339,19 @@ class Pipeline:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    def _defer(self, job: Job, delay_ms: int) -> None:
+        """Waiting is not failing: hand the job back to the broker for later without using a retry."""
+        message = CurrentMessage.get_current_message()
+        assert message is not None
+        # Capped like a retry's backoff: a delayed message waits unacknowledged in the consumer.
+        delay_ms = min(delay_ms, self.settings.max_backoff_ms)
+        self.brokers[message.queue_name].enqueue(message.copy(), delay=delay_ms)
+        log_outcome(LogOutcome.DEFERRED_SERIES, job_id=job.job_id, tenant=job.tenant, retry_in_ms=delay_ms)
+
     def _fail(self, job: Job, error: PermanentError, started: float) -> None:
         message = CurrentMessage.get_current_message()
         # A reused job id must touch neither the original job's ledger row nor its dead entry.
-        conflict = error.reason == "job_id_conflict"
+        conflict = isinstance(error, JobIdConflict)
         with self.db.connection() as conn:
             if not conflict and not isinstance(error, DeliveryFailed):
                 refused = error if isinstance(error, SenderNotPermitted) else None
@@ -375,7 +367,7 @@ class Pipeline:
                 )
             store_dead_job(
                 conn,
-                dead_entry(
+                dead_job(
                     message,
                     reason=error.reason,
                     detail=str(error),
@@ -387,7 +379,7 @@ class Pipeline:
             )
         metrics.MAILS_FAILED.labels(job.tenant, job.document.type.value, error.reason).inc()
         metrics.DEAD_LETTERED.labels(job.tenant, job.document.type.value, error.reason).inc()
-        _log_failure("failed", job, error, started)
+        _log_failure(LogOutcome.FAILED, job, error, started)
 
     def _retry_later(self, job: Job, error: TransientError, started: float) -> None:
         metrics.RETRIES.labels(job.tenant, job.document.type.value, error.reason).inc()
@@ -406,20 +398,22 @@ class Pipeline:
                     )
         except DatabaseUnavailable:
             pass
-        _log_failure("retrying", job, error, started)
+        _log_failure(LogOutcome.RETRYING, job, error, started)
 
     def give_up(
-        self, message: dramatiq.MessageProxy, error: BaseException, reason: str, detail: str, attempts: int
+        self, message: dramatiq.MessageProxy, error: BaseException, reason: Reason, detail: str, attempts: int
     ) -> None:
-        """Dead-letter a message the retry policy will not retry again (see ``RetryPolicy``)."""
+        """End a message the retry policy will not retry again (see ``RetryPolicy``): a job some
+        customer got ends partial (or sent), any other is dead-lettered."""
         data: Any = message.args[0] if len(message.args) == 1 else None
         smtp_reply = getattr(error, "smtp_reply", None)
         try:
-            job: Job | None = Job.model_validate(data, context={"max_job_bytes": self.settings.max_job_bytes})
-        except ValidationError:
+            job: Job | None = read_job(
+                tuple(message.args), dict(message.kwargs), max_job_bytes=self.settings.max_job_bytes
+            )[0]
+        except InvalidJob:
             job = None
         with self.db.connection() as conn:
-            verdict = None
             if job is not None:
                 verdict = record_given_up(
                     conn, job, payload_digest(data), reason=reason, detail=detail, smtp_reply=smtp_reply
@@ -427,16 +421,19 @@ class Pipeline:
                 if verdict is None:
                     return
                 for fate in verdict.settled:
-                    metrics.RECIPIENTS.labels(job.tenant, fate.role.value, fate.state.value).inc()
-                if verdict.status is not Status.FAILED:
+                    metrics.RECIPIENTS.labels(job.tenant, fate.role, fate.state).inc()
+                if verdict.status.delivered:
                     metrics.MAILS_SENT.labels(job.tenant, job.document.type.value).inc()
                     log_outcome(
-                        verdict.status.value, job_id=job.job_id, tenant=job.tenant, detail=verdict.detail
+                        LogOutcome(verdict.status),
+                        job_id=job.job_id,
+                        tenant=job.tenant,
+                        detail=verdict.detail,
                     )
                     return
             store_dead_job(
                 conn,
-                dead_entry(
+                dead_job(
                     message, reason=reason, detail=detail, attempts=attempts, job=job, smtp_reply=smtp_reply
                 ),
             )
@@ -444,34 +441,35 @@ class Pipeline:
         metrics.MAILS_FAILED.labels(*labels, reason).inc()
         metrics.DEAD_LETTERED.labels(*labels, reason).inc()
         log_outcome(
-            "failed", job_id=job.job_id if job else None, reason=reason, detail=detail, smtp_reply=smtp_reply
+            LogOutcome.FAILED,
+            job_id=job.job_id if job else None,
+            reason=reason,
+            detail=detail,
+            smtp_reply=smtp_reply,
         )
 
     def _dead_letter_invalid(self, data: Any, error: InvalidJob) -> None:
         message = CurrentMessage.get_current_message()
-        job_id = _job_id_of(data)
-        tenant = data.get("tenant") if isinstance(data, dict) else None
+        job_id = job_id_of(data)
         with self.db.connection() as conn:
             store_dead_job(
                 conn,
-                dead_entry(
+                dead_job(
                     message,
                     reason=error.reason,
                     detail=str(error),
                     attempts=1,
                     job_id=job_id,
-                    tenant=tenant if isinstance(tenant, str) else None,
+                    tenant=tenant_of(data),
                 ),
             )
         metrics.DEAD_LETTERED.labels("unknown", "unknown", error.reason).inc()
-        log_outcome("failed", job_id=job_id, reason=error.reason, detail=str(error))
+        log_outcome(LogOutcome.FAILED, job_id=job_id, reason=error.reason, detail=str(error))
 
 
-def _reply_text(reply: SmtpReply | None) -> str | None:
-    return str(reply) if reply is not None else None
-
-
-def _log_failure(outcome: str, job: Job, error: PermanentError | TransientError, started: float) -> None:
+def _log_failure(
+    outcome: LogOutcome, job: Job, error: PermanentError | TransientError, started: float
+) -> None:
     log_outcome(
         outcome,
         job_id=job.job_id,
@@ -493,25 +491,10 @@ def register_actor(broker: dramatiq.Broker, pipeline: Pipeline, prefix: str, lan
         actor_name=actor_of(lane),
         queue_name=queue,
         priority=0 if lane == RECEIPTS_QUEUE else 10,
-        options={"throws": (TransientError,)},
+        options={"throws": QUIET_FAILURES},
     )
     pipeline.brokers[queue] = broker
     return queue
 
 
-def _validation_summary(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors()[:5]:
-        where = ".".join(str(p) for p in item["loc"]) or "job"
-        parts.append(f"{where}: {item['msg']}")
-    return "invalid job: " + "; ".join(parts)
-
-
-def _job_id_of(data: Any) -> UUID | None:
-    try:
-        return UUID(str(data["job_id"])) if isinstance(data, dict) and "job_id" in data else None
-    except ValueError:
-        return None
-
-
-__all__ = ["Pipeline", "payload_digest", "register_actor"]
+__all__ = ["Pipeline", "register_actor"]

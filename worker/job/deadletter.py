@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -13,6 +14,7 @@ from dramatiq.common import q_name
 
 from schemas.job import Job
 from worker.db import Connection, translated_errors
+from worker.vocabulary import Reason
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class DeadJob:
     id: str
     queue_name: str
     reason: str
+    """A :class:`Reason` (or one an earlier version stored)."""
     detail: str
     attempts: int
     job_id: UUID | None = None
@@ -31,12 +34,30 @@ class DeadJob:
     """The broker message as it was first published, for replay."""
     raw_body: bytes | None = None
     """The undecodable body, when the message was not even JSON."""
+    dead_at: datetime | None = None
+    """When it was stored (``None`` before it is)."""
+
+    @property
+    def document(self) -> str:
+        return " ".join(p for p in (self.doc_type, self.doc_number) if p) or "-"
+
+    def summary(self) -> dict[str, Any]:
+        """The fields ``dlq list`` shows."""
+        return {
+            "id": self.id,
+            "job_id": str(self.job_id) if self.job_id else None,
+            "tenant": self.tenant,
+            "document": self.document,
+            "reason": self.reason,
+            "attempts": self.attempts,
+            "dead_at": self.dead_at.isoformat() if self.dead_at else None,
+        }
 
 
-def dead_entry(
+def dead_job(
     message: dramatiq.MessageProxy | dramatiq.Message[Any] | None,
     *,
-    reason: str,
+    reason: Reason,
     detail: str,
     attempts: int,
     job: Job | None = None,
@@ -101,4 +122,4 @@ def store_dead_job(conn: Connection, dead: DeadJob) -> None:
         conn.commit()
 
 
-__all__ = ["DeadJob", "dead_entry", "store_dead_job"]
+__all__ = ["DeadJob", "dead_job", "store_dead_job"]

@@ -23,9 +23,10 @@ from uuid import UUID
 
 from schemas.job import Job
 from worker.db import Connection, translated_errors
-from worker.job.outcome import AttemptRecord, Fate, Status, Verdict, out_of_attempts
+from worker.job.outcome import AttemptRecord, Fate, Verdict, out_of_attempts
 from worker.job.recipients import Recipient
 from worker.job.smtp import SmtpReply
+from worker.vocabulary import DELIVERED, Reason, RecipientState, Status
 
 
 class Claim(StrEnum):
@@ -43,14 +44,11 @@ class Claim(StrEnum):
     """Deliveries of this job keep killing their worker; stop trying."""
 
 
-FINAL_STATES = (Status.SENT, Status.PARTIAL, Status.FAILED)
-
-
 @dataclass(frozen=True)
 class ClaimResult:
     claim: Claim
     attempts: int
-    status: str | None = None
+    status: Status | None = None
     remaining_ms: int = 0
     """For ``BUSY``: how long the other holder's claim still runs."""
     takeovers: int = 0
@@ -74,7 +72,7 @@ def claim_job(
             """
             INSERT INTO deliveries (job_id, tenant_id, doc_type, doc_number, payload_sha256, status,
                                     attempts, claimed_by, claimed_until)
-            VALUES (%s, %s, %s, %s, %s, 'sending', 1, %s, clock_timestamp() + %s * interval '1 ms')
+            VALUES (%s, %s, %s, %s, %s, %s, 1, %s, clock_timestamp() + %s * interval '1 ms')
             ON CONFLICT (job_id) DO NOTHING
             RETURNING attempts
             """,
@@ -84,6 +82,7 @@ def claim_job(
                 job.document.type.value,
                 job.document.number,
                 payload_sha256,
+                Status.SENDING,
                 holder,
                 claim_ms,
             ),
@@ -99,21 +98,21 @@ def claim_job(
             (job.job_id,),
         ).fetchone()
         assert row is not None
-        status, attempts, takeovers = str(row["status"]), int(row["attempts"]), int(row["takeovers"])
+        status, attempts, takeovers = Status(row["status"]), int(row["attempts"]), int(row["takeovers"])
         if row["payload_sha256"] != payload_sha256:
             return ClaimResult(Claim.CONFLICT, attempts, status)
-        if status in FINAL_STATES:
+        if status.final:
             return ClaimResult(Claim.DONE, attempts, status)
-        if status == "sending" and not row["expired"]:
+        if status is Status.SENDING and not row["expired"]:
             return ClaimResult(Claim.BUSY, attempts, status, remaining_ms=int(row["remaining"] or 0))
-        taking_over = status == "sending"
+        taking_over = status is Status.SENDING
         if taking_over and takeovers + 1 >= crash_loop_after:
             return ClaimResult(Claim.CRASH_LOOP, attempts, status, takeovers=takeovers + 1)
         conn.execute(
-            "UPDATE deliveries SET status = 'sending', attempts = attempts + 1, takeovers = takeovers + %s,"
+            "UPDATE deliveries SET status = %s, attempts = attempts + 1, takeovers = takeovers + %s,"
             " claimed_by = %s, claimed_until = clock_timestamp() + %s * interval '1 ms',"
             " updated_at = clock_timestamp() WHERE job_id = %s",
-            (int(taking_over), holder, claim_ms, job.job_id),
+            (Status.SENDING, int(taking_over), holder, claim_ms, job.job_id),
         )
         claim = Claim.TAKEN_OVER if taking_over else Claim.CLAIMED
         return ClaimResult(claim, attempts + 1, status, takeovers=takeovers + int(taking_over))
@@ -154,7 +153,7 @@ WITH job AS (
         smtp_reply = %(smtp_reply)s, sender = %(sender)s, message_id = %(message_id)s, message = %(message)s,
         next_attempt_at = clock_timestamp() + %(next_attempt_ms)s::bigint * interval '1 ms',
         claimed_by = NULL, claimed_until = NULL,
-        sent_at = CASE WHEN %(status)s IN ('sent', 'partial') THEN clock_timestamp() ELSE sent_at END,
+        sent_at = CASE WHEN %(status)s = ANY(%(delivered)s) THEN clock_timestamp() ELSE sent_at END,
         updated_at = clock_timestamp()
     WHERE job_id = %(job_id)s
     RETURNING job_id
@@ -195,7 +194,8 @@ def record_attempt(conn: Connection, record: AttemptRecord) -> Status:
             _RECORD_ATTEMPT,
             {
                 "job_id": record.job_id,
-                "status": verdict.status.value,
+                "status": verdict.status,
+                "delivered": list(DELIVERED),
                 "reason": verdict.reason,
                 "detail": verdict.detail,
                 "smtp_reply": verdict.smtp_reply,
@@ -221,7 +221,7 @@ def record_failure(
     job_id: UUID,
     *,
     final: bool,
-    reason: str,
+    reason: Reason,
     detail: str,
     smtp_reply: str | None = None,
     sender: str | None = None,
@@ -236,17 +236,27 @@ def record_failure(
             " smtp_reply = COALESCE(%s, smtp_reply), sender = COALESCE(%s, sender),"
             " next_attempt_at = clock_timestamp() + %s::bigint * interval '1 ms',"
             " claimed_by = NULL, claimed_until = NULL,"
-            " updated_at = clock_timestamp() WHERE job_id = %s AND status NOT IN ('sent', 'partial')",
-            ("failed" if final else "retrying", reason, detail, smtp_reply, sender, next_attempt_ms, job_id),
+            " updated_at = clock_timestamp() WHERE job_id = %s AND status <> ALL(%s)",
+            (
+                Status.FAILED if final else Status.RETRYING,
+                reason,
+                detail,
+                smtp_reply,
+                sender,
+                next_attempt_ms,
+                job_id,
+                list(DELIVERED),
+            ),
         )
         if recipients:
             conn.execute(
                 "INSERT INTO delivery_recipients (job_id, address, position, role, state)"
-                " SELECT %s, r.address, r.position, r.role, 'pending'"
+                " SELECT %s, r.address, r.position, r.role, %s"
                 " FROM jsonb_to_recordset(%s::jsonb) AS r (address text, position smallint, role text)"
                 " ON CONFLICT (job_id, address) DO NOTHING",
                 (
                     job_id,
+                    RecipientState.PENDING,
                     json.dumps(
                         [
                             {"address": r.address, "role": r.role.value, "position": n}
@@ -261,16 +271,16 @@ def release_claim(conn: Connection, job_id: UUID) -> None:
     """Give the claim back without an outcome: the job was deferred, a later delivery sends it."""
     with translated_errors():
         conn.execute(
-            "UPDATE deliveries SET status = 'retrying', reason = 'throttled', detail = NULL, claimed_by = NULL,"
+            "UPDATE deliveries SET status = %s, reason = %s, detail = NULL, claimed_by = NULL,"
             " claimed_until = NULL, attempts = attempts - 1, updated_at = clock_timestamp()"
-            " WHERE job_id = %s AND status = 'sending'",
-            (job_id,),
+            " WHERE job_id = %s AND status = %s",
+            (Status.RETRYING, Reason.THROTTLED, job_id, Status.SENDING),
         )
         conn.commit()
 
 
 def record_given_up(
-    conn: Connection, job: Job, payload_sha256: str, *, reason: str, detail: str, smtp_reply: str | None
+    conn: Connection, job: Job, payload_sha256: str, *, reason: Reason, detail: str, smtp_reply: str | None
 ) -> Verdict | None:
     """End a job whose retries ran out, creating the row if no attempt got as far as a claim.
 
@@ -283,7 +293,7 @@ def record_given_up(
             """
             INSERT INTO deliveries (job_id, tenant_id, doc_type, doc_number, payload_sha256, status,
                                     reason, detail, smtp_reply)
-            VALUES (%s, %s, %s, %s, %s, 'failed', %s, %s, %s)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
             ON CONFLICT (job_id) DO NOTHING
             RETURNING job_id
             """,
@@ -293,6 +303,7 @@ def record_given_up(
                 job.document.type.value,
                 job.document.number,
                 payload_sha256,
+                Status.FAILED,
                 reason,
                 detail,
                 smtp_reply,
@@ -304,7 +315,7 @@ def record_given_up(
             "SELECT status FROM deliveries WHERE job_id = %s FOR UPDATE", (job.job_id,)
         ).fetchone()
         assert row is not None
-        if row["status"] in (Status.SENT, Status.PARTIAL):
+        if Status(row["status"]).delivered:
             return None
         progress = load_progress(conn, job.job_id)
         verdict = out_of_attempts(progress.fates, detail)
@@ -318,14 +329,14 @@ def record_given_up(
             "UPDATE deliveries SET status = %s, reason = %s, detail = %s,"
             " smtp_reply = COALESCE(%s, smtp_reply), message = NULL, next_attempt_at = NULL,"
             " claimed_by = NULL, claimed_until = NULL, updated_at = clock_timestamp(),"
-            " sent_at = CASE WHEN %s IN ('sent', 'partial') THEN clock_timestamp() ELSE sent_at END"
+            " sent_at = CASE WHEN %s THEN clock_timestamp() ELSE sent_at END"
             " WHERE job_id = %s",
             (
-                verdict.status.value,
+                verdict.status,
                 verdict.reason,
                 verdict.detail,
                 verdict.smtp_reply,
-                verdict.status.value,
+                verdict.status.delivered,
                 job.job_id,
             ),
         )
@@ -334,7 +345,7 @@ def record_given_up(
                 "UPDATE delivery_recipients SET state = %s, reply_code = %s, reply_enhanced = %s, reply_text = %s,"
                 " updated_at = clock_timestamp() WHERE job_id = %s AND address = %s",
                 (
-                    fate.state.value,
+                    fate.state,
                     fate.reply.code if fate.reply else None,
                     fate.reply.enhanced if fate.reply else None,
                     fate.reply.text if fate.reply else None,
@@ -350,8 +361,8 @@ def renew_claim(conn: Connection, job_id: UUID, *, holder: str, claim_ms: int) -
     with translated_errors():
         row = conn.execute(
             "UPDATE deliveries SET claimed_until = clock_timestamp() + %s * interval '1 ms'"
-            " WHERE job_id = %s AND claimed_by = %s AND status = 'sending' RETURNING job_id",
-            (claim_ms, job_id, holder),
+            " WHERE job_id = %s AND claimed_by = %s AND status = %s RETURNING job_id",
+            (claim_ms, job_id, holder, Status.SENDING),
         ).fetchone()
         conn.commit()
     return row is not None
@@ -362,14 +373,14 @@ def release_claims(conn: Connection, holder: str) -> int:
     with translated_errors():
         cursor = conn.execute(
             "UPDATE deliveries SET claimed_until = clock_timestamp() - interval '1 ms'"
-            " WHERE claimed_by = %s AND status = 'sending'",
-            (holder,),
+            " WHERE claimed_by = %s AND status = %s",
+            (holder, Status.SENDING),
         )
         conn.commit()
     return cursor.rowcount
 
 
-def reopen_failed(conn: Connection, job_id: UUID) -> str | None:
+def reopen_failed(conn: Connection, job_id: UUID) -> Status | None:
     """Let a ``failed`` job be sent once more (replay): it becomes ``retrying`` with its
     crash counter reset and its refused recipients ``pending`` again. Returns the status the job had (``None`` without a ledger row);
     any other status is left alone, so the ledger still refuses a second send.
@@ -380,19 +391,20 @@ def reopen_failed(conn: Connection, job_id: UUID) -> str | None:
         row = conn.execute("SELECT status FROM deliveries WHERE job_id = %s FOR UPDATE", (job_id,)).fetchone()
         if row is None:
             return None
-        if row["status"] == "failed":
+        status = Status(row["status"])
+        if status is Status.FAILED:
             conn.execute(
-                "UPDATE deliveries SET status = 'retrying', reason = 'replayed', takeovers = 0, message = NULL,"
+                "UPDATE deliveries SET status = %s, reason = %s, takeovers = 0, message = NULL,"
                 " next_attempt_at = NULL, claimed_by = NULL, claimed_until = NULL, updated_at = clock_timestamp()"
                 " WHERE job_id = %s",
-                (job_id,),
+                (Status.RETRYING, Reason.REPLAYED, job_id),
             )
             conn.execute(
-                "UPDATE delivery_recipients SET state = 'pending', updated_at = clock_timestamp()"
-                " WHERE job_id = %s AND state = 'refused'",
-                (job_id,),
+                "UPDATE delivery_recipients SET state = %s, updated_at = clock_timestamp()"
+                " WHERE job_id = %s AND state = %s",
+                (RecipientState.PENDING, job_id, RecipientState.REFUSED),
             )
-    return str(row["status"])
+    return status
 
 
 _RECORD_COLUMNS = (

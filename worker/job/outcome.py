@@ -16,31 +16,12 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
-from worker.errors import PermanentError, TransientError
-from worker.job.recipients import Role
+from worker.errors import PermanentError, RecipientsRefused, TransientError
 from worker.job.smtp import Delivery, SmtpReply
-
-
-class Status(StrEnum):
-    SENDING = "sending"
-    RETRYING = "retrying"
-    SENT = "sent"
-    PARTIAL = "partial"
-    FAILED = "failed"
-
-    @property
-    def final(self) -> bool:
-        return self in (Status.SENT, Status.PARTIAL, Status.FAILED)
-
-
-class State(StrEnum):
-    PENDING = "pending"
-    ACCEPTED = "accepted"
-    REFUSED = "refused"
+from worker.vocabulary import Reason, RecipientState, Role, Status
 
 
 @dataclass(frozen=True)
@@ -49,7 +30,7 @@ class Fate:
 
     address: str
     role: Role
-    state: State = State.PENDING
+    state: RecipientState = RecipientState.PENDING
     reply: SmtpReply | None = None
     attempts: int = 0
 
@@ -72,7 +53,11 @@ class Fate:
         if data["text"] is not None:
             reply = SmtpReply(int(data["code"] or 0), data["enhanced"], str(data["text"]))
         return cls(
-            str(data["address"]), Role(data["role"]), State(data["state"]), reply, int(data["attempts"])
+            str(data["address"]),
+            Role(data["role"]),
+            RecipientState(data["state"]),
+            reply,
+            int(data["attempts"]),
         )
 
 
@@ -80,7 +65,7 @@ class Fate:
 class Verdict:
     status: Status
     fates: tuple[Fate, ...]
-    reason: str | None = None
+    reason: Reason | None = None
     detail: str | None = None
     smtp_reply: str | None = None
     settled: tuple[Fate, ...] = ()
@@ -89,7 +74,7 @@ class Verdict:
     @property
     def reached(self) -> bool:
         """Whether a customer-facing recipient has the mail."""
-        return any(f.role.customer_facing and f.state is State.ACCEPTED for f in self.fates)
+        return any(f.role.customer_facing and f.state is RecipientState.ACCEPTED for f in self.fates)
 
 
 def settle(fates: Sequence[Fate], delivery: Delivery) -> Verdict:
@@ -98,20 +83,28 @@ def settle(fates: Sequence[Fate], delivery: Delivery) -> Verdict:
     permanent = isinstance(error, PermanentError)
     after = []
     for fate in fates:
-        if fate.state is not State.PENDING:
+        if fate.state is not RecipientState.PENDING:
             after.append(fate)
             continue
         tried = replace(fate, attempts=fate.attempts + 1)
         refusal = delivery.refused.get(fate.address)
         if fate.address in delivery.accepted:
-            after.append(replace(tried, state=State.ACCEPTED, reply=delivery.reply))
+            after.append(replace(tried, state=RecipientState.ACCEPTED, reply=delivery.reply))
         elif refusal is not None:
             after.append(
-                replace(tried, state=State.REFUSED if refusal.code >= 500 else State.PENDING, reply=refusal)
+                replace(
+                    tried,
+                    state=RecipientState.REFUSED if refusal.code >= 500 else RecipientState.PENDING,
+                    reply=refusal,
+                )
             )
         elif error is not None:
             after.append(
-                replace(tried, state=State.REFUSED if permanent else State.PENDING, reply=reply_of(error))
+                replace(
+                    tried,
+                    state=RecipientState.REFUSED if permanent else RecipientState.PENDING,
+                    reply=reply_of(error),
+                )
             )
         else:
             after.append(tried)
@@ -122,10 +115,10 @@ def out_of_attempts(fates: Sequence[Fate], error: str | None = None) -> Verdict:
     """The job when no attempt is left: a recipient still waiting counts as refused. Internal
     copies of a mail no customer got stay ``pending``: they were never due."""
     fallback = SmtpReply(0, None, error) if error else None
-    reached = any(f.role.customer_facing and f.state is State.ACCEPTED for f in fates)
+    reached = any(f.role.customer_facing and f.state is RecipientState.ACCEPTED for f in fates)
     after = [
-        replace(f, state=State.REFUSED, reply=f.reply or fallback)
-        if f.state is State.PENDING and (reached or f.role.customer_facing)
+        replace(f, state=RecipientState.REFUSED, reply=f.reply or fallback)
+        if f.state is RecipientState.PENDING and (reached or f.role.customer_facing)
         else f
         for f in fates
     ]
@@ -137,35 +130,35 @@ def judge(
 ) -> Verdict:
     """The job's status from its recipients' states (see the module docstring)."""
     customers = [f for f in after if f.role.customer_facing]
-    reached = any(f.state is State.ACCEPTED for f in customers)
-    waiting = [f for f in after if f.state is State.PENDING and (reached or f.role.customer_facing)]
+    reached = any(f.state is RecipientState.ACCEPTED for f in customers)
+    waiting = [f for f in after if f.state is RecipientState.PENDING and (reached or f.role.customer_facing)]
     settled = tuple(a for b, a in zip(before, after, strict=True) if a.state is not b.state)
     fates = tuple(after)
     if waiting:
         return Verdict(
             Status.RETRYING,
             fates,
-            reason=error.reason if error is not None else "smtp_temporary",
+            reason=error.reason if error is not None else Reason.SMTP_TEMPORARY,
             detail="waiting for " + _listing(waiting) + (f"; {error}" if error is not None else ""),
             smtp_reply=_worst(waiting),
             settled=settled,
         )
-    refused = [f for f in customers if f.state is State.REFUSED]
+    refused = [f for f in customers if f.state is RecipientState.REFUSED]
     if not reached:
-        if isinstance(error, PermanentError) and error.reason != "recipients_refused":
+        if isinstance(error, PermanentError) and not isinstance(error, RecipientsRefused):
             reason, detail = error.reason, str(error)
         else:
             reason, detail = (
-                "recipients_refused",
+                Reason.RECIPIENTS_REFUSED,
                 "no customer-facing recipient accepted: " + _listing(refused),
             )
         return Verdict(Status.FAILED, fates, reason, detail, _worst(refused), settled)
-    accepted_reply = next((f.reply for f in customers if f.state is State.ACCEPTED), None)
+    accepted_reply = next((f.reply for f in customers if f.state is RecipientState.ACCEPTED), None)
     if refused:
         return Verdict(
             Status.PARTIAL,
             fates,
-            "recipients_refused",
+            Reason.RECIPIENTS_REFUSED,
             "refused: " + _listing(refused),
             str(accepted_reply) if accepted_reply else None,
             settled,
@@ -245,7 +238,7 @@ class AttemptRecord:
         verdict = Verdict(
             Status(v["status"]),
             tuple(Fate.from_json(f) for f in v["fates"]),
-            v["reason"],
+            Reason(v["reason"]) if v["reason"] else None,
             v["detail"],
             v["smtp_reply"],
             tuple(Fate.from_json(f) for f in v["settled"]),
@@ -270,8 +263,6 @@ class AttemptRecord:
 __all__ = [
     "AttemptRecord",
     "Fate",
-    "State",
-    "Status",
     "Verdict",
     "judge",
     "out_of_attempts",

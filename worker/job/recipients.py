@@ -8,27 +8,12 @@ copies, which only ever travel with a customer-facing recipient.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 from schemas.job import Job
 from worker.job.accounts import Account
 from worker.job.addresses import address_key, ascii_address
 from worker.job.senders import employee
-
-
-class Role(StrEnum):
-    TO = "to"
-    CC = "cc"
-    BCC = "bcc"
-    CLERK = "clerk"
-    ARCHIVE = "archive"
-
-    @property
-    def customer_facing(self) -> bool:
-        return self in _CUSTOMER_FACING
-
-
-_CUSTOMER_FACING = frozenset({Role.TO, Role.CC, Role.BCC})
+from worker.vocabulary import Role
 
 
 @dataclass(frozen=True)
@@ -84,4 +69,4 @@ def _recipients(job: Job, cc: list[str], internal: list[Recipient]) -> Recipient
     return Recipients(tuple(ascii_address(a) for a in cc), tuple(envelope.values()))
 
 
-__all__ = ["Recipient", "Recipients", "Role", "customer_recipients", "recipients_for"]
+__all__ = ["Recipient", "Recipients", "customer_recipients", "recipients_for"]

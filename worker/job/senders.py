@@ -33,12 +33,11 @@ def resolve_sender(job: Job, account: Account) -> Sender:
     address = job.from_ or account.sender_for(job.document.type) or user.email
     own = same_address(address, user.email)
     if not own and address_key(address) not in user.granted:
-        refused = SenderNotPermitted(
+        raise SenderNotPermitted(
             f"user {user.id!r} may not send as {address!r} in tenant {account.id!r}: "
-            "the address is neither the user's own nor granted to the user or the user's group"
+            "the address is neither the user's own nor granted to the user or the user's group",
+            sender=address,
         )
-        refused.sender = address
-        raise refused
     use_signature = own and account.use_user_mail_data
     return Sender(
         address=address,

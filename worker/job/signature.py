@@ -8,7 +8,8 @@ dkimpy's own ``DKIM.sign`` parses the PEM key and computes RSA in pure
 Python for every mail (~10 ms). Here the key is parsed once, by
 ``cryptography``, and :func:`sign_message` mirrors ``DKIM.sign`` and
 ``DomainSigner.gen_header`` (dkimpy 1.1.8) step by step with dkimpy's own
-parsing, canonicalisation, header selection and folding; only the private-key
+parsing, canonicalisation, header selection and folding (helpers outside its
+public API, reached through :mod:`worker.library_internals`); only the private-key
 operation goes to OpenSSL. RSA PKCS#1 v1.5 and Ed25519 are deterministic, so
 the result is byte for byte what stock dkimpy produces; tests/test_dkim_signing.py
 pins that.
@@ -23,18 +24,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import dkim
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from dkim.canonicalization import CanonicalizationPolicy
 from pydantic import SecretStr
 
 from schemas.tenant import Dkim, DkimKey
-from worker.errors import ConfigurationError, PermanentError
+from worker.errors import ConfigurationError, DkimFailed
+from worker.library_internals import (
+    blank_dkim_b_tag,
+    dkimpy_relaxed_headers,
+    fold_dkim_header,
+    hash_dkim_headers,
+)
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
@@ -57,7 +62,7 @@ OVERSIGNED_HEADERS = (b"from",)
 
 MIN_RSA_BITS = 1024
 _HEADER_NAME = b"DKIM-Signature"
-_CANONICALIZATION = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+_NAMELEN = len(_HEADER_NAME)
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 _TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
 _WSP_RUN = re.compile(rb"[\t ]{2,}|\t")
@@ -172,7 +177,7 @@ def sign_message(message: bytes, signer: DkimSigner, *, now: float | None = None
       now: Unix time for ``t=`` and for choosing the keys; the current time when omitted.
 
     Raises:
-      PermanentError: (reason ``dkim_failed``) the message cannot be signed, e.g. it has no From.
+      DkimFailed: the message cannot be signed, e.g. it has no From.
     """
     if now is None:
         now = time.time()
@@ -181,7 +186,7 @@ def sign_message(message: bytes, signer: DkimSigner, *, now: float | None = None
     canonical = relaxed_headers(head)
     include = signed_header_names(canonical)
     if b"from" not in include:
-        raise PermanentError("cannot DKIM-sign a message without a From header", reason="dkim_failed")
+        raise DkimFailed("cannot DKIM-sign a message without a From header")
     bodyhash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
     timestamp = str(int(now)).encode("ascii")
     signatures = [
@@ -221,16 +226,15 @@ def relaxed_headers(head: bytes) -> list[tuple[bytes, bytes]]:
     here in one pass; any other goes through dkimpy itself.
 
     Raises:
-      PermanentError: (reason ``dkim_failed``) a line is no header field.
+      DkimFailed: a line is no header field.
     """
     fields = _plain_fields(head)
     if fields is not None:
         return [(name.lower(), b" ".join(b" ".join(value).split()) + b"\r\n") for name, value in fields]
     try:
-        headers, _ = dkim.rfc822_parse(head)
+        return dkimpy_relaxed_headers(head)
     except dkim.MessageFormatError as e:
-        raise PermanentError(f"cannot DKIM-sign: {e}", reason="dkim_failed") from None
-    return cast(list[tuple[bytes, bytes]], _CANONICALIZATION.canonicalize_headers(headers))
+        raise DkimFailed(f"cannot DKIM-sign: {e}") from None
 
 
 def _plain_fields(head: bytes) -> list[tuple[bytes, list[bytes]]] | None:
@@ -282,17 +286,14 @@ def _signature_header(
         # dkimpy's placeholder forces b= onto its own line, so folding after signing keeps the rest.
         (b"b", b"0" * 60),
     ]
-    value = _fold(b"; ".join(b"=".join(f) for f in fields))
-    value = dkim.RE_BTAG.sub(b"\\1", value)
+    value = fold_dkim_header(b"; ".join(b"=".join(f) for f in fields), _NAMELEN)
+    value = blank_dkim_b_tag(value)
     hasher = hashlib.sha256()
     sigheader = (_HEADER_NAME, b" " + value)
-    dkim.hash_headers(hasher, _CANONICALIZATION, canonical_headers, include, sigheader, None)
+    hash_dkim_headers(hasher, canonical_headers, include, sigheader)
     fields[-1] = (b"b", base64.b64encode(key.sign_digest(hasher.digest())))
-    return _HEADER_NAME + b": " + _fold(b"; ".join(b"=".join(f) for f in fields) + b"\r\n")
-
-
-def _fold(value: bytes) -> bytes:
-    return cast(bytes, dkim.fold(value, namelen=len(_HEADER_NAME), linesep=b"\r\n"))
+    value = b"; ".join(b"=".join(f) for f in fields) + b"\r\n"
+    return _HEADER_NAME + b": " + fold_dkim_header(value, _NAMELEN)
 
 
 __all__ = [

@@ -6,11 +6,16 @@ import threading
 
 import pika.exceptions
 from dramatiq.broker import MessageProxy
-from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import Middleware, ShutdownNotifications, TimeLimit
-from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
+from worker.library_internals import (
+    RabbitmqConsumerBase,
+    delivery_tag,
+    set_pika_read_size,
+    underlying_channel,
+)
 from worker.runtime.middleware import GiveUp, RetryPolicy
 from worker.settings import Settings
 
@@ -18,10 +23,10 @@ from worker.settings import Settings
 # copy of the growing frame buffer. 64 KB reads cost a consumer ~95 µs per such message
 # instead of ~125 µs; larger reads lose again to pika re-copying the rest of its buffer
 # after every frame.
-_AsyncTransportBase._MAX_RECV_BYTES = 64 * 1024
+set_pika_read_size(64 * 1024)
 
 
-class _BatchedAcks(_RabbitmqConsumer):
+class _BatchedAcks(RabbitmqConsumerBase):
     """dramatiq's RabbitMQ consumer with cheaper acknowledgements.
 
     dramatiq hands each ack to the consumer's connection thread on its own, and there
@@ -44,13 +49,14 @@ class _BatchedAcks(_RabbitmqConsumer):
         self._settle(message, acked=False)
 
     def _settle(self, message: MessageProxy, *, acked: bool) -> None:
+        tag = delivery_tag(message)
         try:
-            self.known_tags.remove(message._tag)
+            self.known_tags.remove(tag)
         except KeyError:
             self.logger.warning("Failed to settle message %s: not in known tags.", message.message_id)
             return
         with self._settled_lock:
-            self._settled.append((message._tag, acked))
+            self._settled.append((tag, acked))
             wake = len(self._settled) == 1
         if wake:
             try:
@@ -61,7 +67,7 @@ class _BatchedAcks(_RabbitmqConsumer):
     def _send_settled(self) -> None:
         with self._settled_lock:
             settled, self._settled = self._settled, []
-        channel = self.channel._impl
+        channel = underlying_channel(self.channel)
         for tag, acked in settled:
             if acked:
                 channel.basic_ack(tag)
@@ -71,7 +77,7 @@ class _BatchedAcks(_RabbitmqConsumer):
 
 class _Broker(RabbitmqBroker):
     @property
-    def consumer_class(self) -> type[_RabbitmqConsumer]:
+    def consumer_class(self) -> type[RabbitmqConsumerBase]:
         return _BatchedAcks
 
 

@@ -32,6 +32,7 @@ from worker.db import connect
 from worker.errors import DatabaseUnavailable
 from worker.job.deadletter import DeadJob, store_dead_job
 from worker.settings import Settings
+from worker.vocabulary import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +46,14 @@ def dead_job_of(body: bytes, queue: str) -> DeadJob:
         fields = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         return DeadJob(
-            raw_id, queue, "malformed_json", f"the message body is not JSON: {e}", 1, raw_body=body
+            raw_id, queue, Reason.MALFORMED_JSON, f"the message body is not JSON: {e}", 1, raw_body=body
         )
     missing = [f for f in _MESSAGE_FIELDS if not isinstance(fields, dict) or f not in fields]
     if missing:
         return DeadJob(
             raw_id,
             queue,
-            "not_a_dramatiq_message",
+            Reason.NOT_A_DRAMATIQ_MESSAGE,
             f"the message body is JSON but not a dramatiq message (missing {', '.join(missing)})",
             1,
             raw_body=body,
@@ -65,10 +66,10 @@ def dead_job_of(body: bytes, queue: str) -> DeadJob:
         job = None
     actor = fields.get("actor_name")
     if actor not in (SEND_DOCUMENT_ACTOR, SEND_RECEIPT_ACTOR):
-        reason, detail = "unknown_actor", f"no postbote actor is called {actor!r}"
+        reason, detail = Reason.UNKNOWN_ACTOR, f"no postbote actor is called {actor!r}"
     else:
         reason, detail = (
-            "rejected_by_worker",
+            Reason.REJECTED_BY_WORKER,
             "a worker rejected the message without saying why (see its log)",
         )
     return DeadJob(

@@ -26,6 +26,7 @@ from worker.testbed.documents import make_job
 from worker.testbed.sink import Sink, free_port, read_index
 from worker.testbed.sink.faults import RecipientRules
 from worker.tools.tenant_file import apply_tenants, read_tenant_file
+from worker.vocabulary import FINAL, Reason, Status
 
 UNLOADED_TENANT = "acme-nord"
 """A branch the ERP already sends for, but whose tenant nobody has loaded yet."""
@@ -37,8 +38,8 @@ GREYLISTING = {GREYLISTED: ["451 4.7.1 greylisted, please try again later", None
 @dataclass(frozen=True)
 class Expectation:
     job: dict[str, Any]
-    outcome: str
-    """``sent`` or the failure reason the rules must produce."""
+    failure: Reason | None = None
+    """The reason the rules must fail the job with; ``None``: it must be delivered."""
 
 
 def demo_tenants(smtp_port: int) -> dict[str, Any]:
@@ -115,13 +116,13 @@ def demo_jobs(count: int) -> list[Expectation]:
             job = make_job("acme", "dunning", n, user_id="u2", to=customer)
         else:
             job = make_job("bistro", "receipt", n, user_id="k1", to=customer)
-        expectations.append(Expectation(job, "sent"))
+        expectations.append(Expectation(job))
     greylisted = make_job("acme", "invoice", count + 2, user_id="u2", clerk_id="u1", to=GREYLISTED)
-    expectations.append(Expectation(greylisted, "sent"))
+    expectations.append(Expectation(greylisted))
     refused = make_job("acme", "invoice", count, user_id="u3", to="kunde-x@example.com")
-    expectations.append(Expectation(refused, "sender_not_permitted"))
+    expectations.append(Expectation(refused, Reason.SENDER_NOT_PERMITTED))
     branch = make_job(UNLOADED_TENANT, "order", count + 1, user_id="u1", to="kunde-nord@example.com")
-    expectations.append(Expectation(branch, "unknown_tenant"))
+    expectations.append(Expectation(branch, Reason.UNKNOWN_TENANT))
     return expectations
 
 
@@ -183,8 +184,8 @@ def _publish_and_watch(settings: Settings, sink: Sink, run_dir: Path, count: int
         with connect(settings.database_url) as conn:
             rows = conn.execute(
                 "SELECT job_id::text, status, reason, detail FROM deliveries"
-                " WHERE job_id = ANY(%s::uuid[]) AND status IN ('sent', 'partial', 'failed')",
-                ([str(i) for i in ids],),
+                " WHERE job_id = ANY(%s::uuid[]) AND status = ANY(%s)",
+                ([str(i) for i in ids], list(FINAL)),
             ).fetchall()
         final = {str(r["job_id"]): r for r in rows}
         progress = f"  {len(final)}/{len(ids)} done, {len(read_index(sink.handler.maildir))} mails received"
@@ -223,27 +224,31 @@ def _summary(
             message = email.message_from_binary_file(f, policy=policy.default)
         received.setdefault(str(message["X-Postbote-Job"]), []).extend(record["rcpt_tos"])
     problems = []
-    outcomes: Counter[str] = Counter()
+    sent = 0
+    failures: Counter[str] = Counter()
     for e in expectations:
         job_id = e.job["job_id"]
         row = final.get(job_id)
-        outcome = (
-            "missing" if row is None else ("sent" if row["status"] in ("sent", "partial") else row["reason"])
-        )
-        outcomes[outcome] += 1
-        if outcome != e.outcome:
-            problems.append(f"{e.job['document']['number']}: expected {e.outcome}, got {outcome}")
-        elif outcome == "sent" and not set(e.job["to"]) <= set(received.get(job_id, [])):
-            problems.append(f"{e.job['document']['number']}: marked sent but not received by the sink")
-    sent = outcomes["sent"]
+        number = e.job["document"]["number"]
+        if row is None:
+            problems.append(f"{number}: no outcome")
+        elif Status(row["status"]).delivered:
+            sent += 1
+            if e.failure is not None:
+                problems.append(f"{number}: expected {e.failure}, but it was sent")
+            elif not set(e.job["to"]) <= set(received.get(job_id, [])):
+                problems.append(f"{number}: marked sent but not received by the sink")
+        else:
+            failures[row["reason"]] += 1
+            if row["reason"] != e.failure:
+                problems.append(f"{number}: expected {e.failure or 'sent'}, got {row['reason']}")
     say("\nSummary")
     say(f"  sent:     {sent} mails in {elapsed:.1f} s ({sent / elapsed:.1f} mails/s)")
-    for reason, n in sorted(outcomes.items()):
-        if reason != "sent":
-            say(f"  failed:   {n} × {reason}")
+    for reason, n in sorted(failures.items()):
+        say(f"  failed:   {n} × {reason}")
     for e in expectations:
         row = final.get(e.job["job_id"])
-        if row and row["status"] == "failed":
+        if row and row["status"] == Status.FAILED:
             say(f"            {e.job['document']['number']}: {row['detail']}")
             say(f"            see: postbote status {e.job['job_id']}")
     index = read_index(maildir)
@@ -280,7 +285,7 @@ def _explain_greylisting(settings: Settings, expectations: list[Expectation], sa
 def _explain_dead_letters(
     expectations: list[Expectation], final: dict[str, dict[str, Any]], say: Any
 ) -> None:
-    dead = [e.job for e in expectations if (final.get(e.job["job_id"]) or {}).get("status") == "failed"]
+    dead = [e.job for e in expectations if (final.get(e.job["job_id"]) or {}).get("status") == Status.FAILED]
     if not dead:
         return
     branch = next((j for j in dead if j["tenant"] == UNLOADED_TENANT), dead[0])

@@ -15,14 +15,13 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
-from uuid import UUID
 
 from dramatiq.common import q_name
 
 from producer import PublishError, publish_messages
 from worker.db import Connection, translated_errors
+from worker.job.deadletter import DeadJob
 from worker.job.ledger import reopen_failed
 
 _COLUMNS = (
@@ -33,41 +32,6 @@ _SECRET_KEY = re.compile(r"pass|secret|token|private|credential|authorization|ap
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 MASK = "***"
-
-
-@dataclass(frozen=True)
-class DeadEntry:
-    """One dead job as stored."""
-
-    id: str
-    job_id: UUID | None
-    tenant: str | None
-    doc_type: str | None
-    doc_number: str | None
-    reason: str
-    detail: str
-    attempts: int
-    smtp_reply: str | None
-    queue_name: str
-    dead_at: datetime
-    message: dict[str, Any] | None
-    raw_body: bytes | None
-
-    @property
-    def document(self) -> str:
-        return " ".join(p for p in (self.doc_type, self.doc_number) if p) or "-"
-
-    def summary(self) -> dict[str, Any]:
-        """The fields ``dlq list`` shows."""
-        return {
-            "id": self.id,
-            "job_id": str(self.job_id) if self.job_id else None,
-            "tenant": self.tenant,
-            "document": self.document,
-            "reason": self.reason,
-            "attempts": self.attempts,
-            "dead_at": self.dead_at.isoformat(),
-        }
 
 
 @dataclass(frozen=True)
@@ -96,7 +60,7 @@ def parse_duration(text: str) -> int:
     return int(match.group(1)) * _UNIT_MS[match.group(2)]
 
 
-def list_dead(conn: Connection, filters: Filters, *, limit: int | None = None) -> list[DeadEntry]:
+def list_dead(conn: Connection, filters: Filters, *, limit: int | None = None) -> list[DeadJob]:
     """Dead jobs matching ``filters``, oldest first."""
     where, params = _where(filters)
     query = f"SELECT {_COLUMNS} FROM dead_letters{where} ORDER BY dead_at, id"
@@ -106,7 +70,7 @@ def list_dead(conn: Connection, filters: Filters, *, limit: int | None = None) -
         return [_entry(row) for row in conn.execute(query.encode(), params)]
 
 
-def get_dead(conn: Connection, entry_id: str) -> DeadEntry | None:
+def get_dead(conn: Connection, entry_id: str) -> DeadJob | None:
     """One dead job by its id (the job id, or the broker message id for unreadable messages)."""
     with translated_errors():
         row = conn.execute(
@@ -115,7 +79,7 @@ def get_dead(conn: Connection, entry_id: str) -> DeadEntry | None:
     return _entry(row) if row else None
 
 
-def describe(entry: DeadEntry) -> dict[str, Any]:
+def describe(entry: DeadJob) -> dict[str, Any]:
     """Everything about a dead job for ``dlq show``: secrets masked, attachments summarized."""
     detail = {
         **entry.summary(),
@@ -198,7 +162,7 @@ def _replay_one(conn: Connection, entry_id: str, *, broker_url: str, dry_run: bo
                     entry_id, "not_replayable", "the message was not readable; nothing to send"
                 )
             status = reopen_failed(conn, entry.job_id) if entry.job_id else None
-            if status in ("sent", "partial"):
+            if status is not None and status.delivered:
                 conn.execute("DELETE FROM dead_letters WHERE id = %s", (entry_id,))
                 return ReplayResult(
                     entry_id, "already_sent", f"the ledger says {status}; removed from the queue"
@@ -253,8 +217,8 @@ def _attachment_summary(content_base64: str) -> str:
     return f"<{len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()[:16]}…>"
 
 
-def _entry(row: dict[str, Any]) -> DeadEntry:
-    return DeadEntry(
+def _entry(row: dict[str, Any]) -> DeadJob:
+    return DeadJob(
         id=str(row["id"]),
         job_id=row["job_id"],
         tenant=row["tenant"],
@@ -272,7 +236,6 @@ def _entry(row: dict[str, Any]) -> DeadEntry:
 
 
 __all__ = [
-    "DeadEntry",
     "Filters",
     "ReplayResult",
     "describe",

@@ -100,7 +100,8 @@ def check_sender(account: Account, sender: str) -> None:
         raise SenderNotPermitted(
             f"tenant {account.id!r} may not send as {sender!r}: it is neither the SMTP user,"
             " nor an employee's address, nor granted to an employee or group"
-            f" (permitted: {some or 'none'})"
+            f" (permitted: {some or 'none'})",
+            sender=sender,
         )
 
 

@@ -14,10 +14,17 @@ import ssl
 from schemas.tenant import Smtp
 from worker.errors import (
     ConfigurationError,
+    OAuthTokenInvalid,
+    OAuthTokenUnavailable,
     PermanentError,
     PostboteError,
+    RecipientsRefused,
     SenderNotPermitted,
+    SmtpAuthFailed,
+    SmtpAuthUnavailable,
     SmtpConnectionError,
+    StartTlsUnavailable,
+    TlsVerifyFailed,
     TransientError,
 )
 from worker.job.accounts import Account
@@ -46,20 +53,19 @@ _M365_LIMITS = "Microsoft 365 accepts 30 mails per minute and 3 connections at o
 def failure_hints(error: PostboteError, account: Account, *, sender: str) -> tuple[str, ...]:
     """Concrete next steps for ``error``; the most specific first."""
     smtp = account.smtp
-    reason = error.reason
     reply = (error.smtp_reply if isinstance(error, TransientError | PermanentError) else None) or ""
     if isinstance(error, SenderNotPermitted):
         hints = _sender_hints(account, sender)
-    elif reason == "tls_verify_failed":
+    elif isinstance(error, TlsVerifyFailed):
         hints = _certificate_hints(smtp)
-    elif reason == "starttls_unavailable":
+    elif isinstance(error, StartTlsUnavailable):
         hints = [
             f"{smtp.host}:{smtp.port} offers no STARTTLS; postbote does not fall back to plaintext",
             *_port_hints(smtp, always=True),
         ]
-    elif reason in ("smtp_auth_failed", "smtp_auth_unavailable"):
-        hints = _auth_hints(smtp, reason, reply)
-    elif reason in ("oauth_token_unavailable", "oauth_token_invalid"):
+    elif isinstance(error, SmtpAuthFailed):
+        hints = _auth_hints(smtp, error, reply)
+    elif isinstance(error, OAuthTokenUnavailable | OAuthTokenInvalid):
         hints = _token_hints(smtp)
     elif isinstance(error, SmtpConnectionError):
         hints = [*_connection_hints(error, smtp), *_port_hints(smtp, always=True)]
@@ -67,7 +73,7 @@ def failure_hints(error: PostboteError, account: Account, *, sender: str) -> tup
         hints = [
             "fix the tenant setting named above in the tenant file and load it with 'postbote tenants apply'"
         ]
-    elif reason == "recipients_refused":
+    elif isinstance(error, RecipientsRefused):
         hints = [
             "the server refused the recipient: check the address; 'relay access denied' means the"
             " server does not accept mail for other domains from this client, so log in (smtp.user)"
@@ -127,9 +133,9 @@ def _certificate_hints(smtp: Smtp) -> list[str]:
     ]
 
 
-def _auth_hints(smtp: Smtp, reason: str, reply: str) -> list[str]:
+def _auth_hints(smtp: Smtp, error: SmtpAuthFailed, reply: str) -> list[str]:
     hints: list[str] = []
-    if reason == "smtp_auth_unavailable":
+    if isinstance(error, SmtpAuthUnavailable):
         if smtp.security == "none":
             hints.append("servers offer AUTH only over TLS: use port 587 with security: starttls")
         if smtp.auth == "xoauth2":

@@ -7,8 +7,9 @@ PostgreSQL only. See ``docs/series.md`` for the semantics and
 
 from __future__ import annotations
 
+from worker.errors import Throttled
+
 from .backend import Lease, SeriesBackend, Wait
-from .errors import Throttled
 from .limiter import SeriesLimiter, Slot, default_holder_id
 from .memory import MemoryBackend
 from .postgres import PostgresBackend

@@ -12,10 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from worker.errors import DatabaseUnavailable
+from worker.errors import DatabaseUnavailable, Throttled
 
 from .backend import Lease, SeriesBackend, Wait
-from .errors import Throttled
 from .pool import LocalLease, TenantPool
 from .series import check_limits
 

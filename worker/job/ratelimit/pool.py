@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from worker.errors import Throttled
+
 from .backend import Lease, Wait
-from .errors import Throttled
 
 
 @dataclass(eq=False, slots=True)

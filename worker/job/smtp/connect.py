@@ -15,12 +15,16 @@ from dataclasses import dataclass, field
 from schemas.tenant import Smtp
 from worker.errors import (
     ConfigurationError,
+    SmtpAuthFailed,
+    SmtpAuthUnavailable,
     SmtpConnectionError,
-    SmtpRejected,
     SmtpTemporaryFailure,
+    StartTlsUnavailable,
+    TlsVerifyFailed,
 )
 from worker.job.smtp.oauth import read_token, xoauth2_response
 from worker.job.smtp.replies import SmtpReply, _classify
+from worker.library_internals import smtp_socket
 
 # One mechanism per login: trying the next after a refusal counts as another failed
 # login, and providers lock accounts after a few of those.
@@ -61,14 +65,13 @@ def open_connection(smtp: Smtp, *, timeout_s: float) -> _Connection:
             client.ehlo()
             if smtp.security == "starttls":
                 if not client.has_extn("starttls"):
-                    raise SmtpRejected(
-                        f"{smtp.host}:{smtp.port} does not offer STARTTLS", reason="starttls_unavailable"
-                    )
+                    raise StartTlsUnavailable(f"{smtp.host}:{smtp.port} does not offer STARTTLS")
                 client.starttls(context=context)
                 client.ehlo()
             conn = _Connection(client)
-            if isinstance(client.sock, ssl.SSLSocket):
-                conn.tls_version = client.sock.version()
+            sock = smtp_socket(client)
+            if isinstance(sock, ssl.SSLSocket):
+                conn.tls_version = sock.version()
             if login is not None:
                 conn.auth_method = _authenticate(client, smtp, login)
             return conn
@@ -79,15 +82,11 @@ def open_connection(smtp: Smtp, *, timeout_s: float) -> _Connection:
             _quit(client)
             raise
     except ssl.SSLCertVerificationError as e:
-        raise SmtpRejected(
-            f"TLS certificate of {smtp.host} does not verify: {e.verify_message}", reason="tls_verify_failed"
-        ) from e
+        raise TlsVerifyFailed(f"TLS certificate of {smtp.host} does not verify: {e.verify_message}") from e
     except smtplib.SMTPResponseException as e:
         raise _classify(SmtpReply.parse(e.smtp_code, e.smtp_error), "connect") from e
     except (OSError, smtplib.SMTPException) as e:
-        raise SmtpConnectionError(
-            f"cannot talk to {smtp.host}:{smtp.port}: {e or type(e).__name__}", reason="smtp_connection"
-        ) from e
+        raise SmtpConnectionError(f"cannot talk to {smtp.host}:{smtp.port}: {e or type(e).__name__}") from e
 
 
 @dataclass(frozen=True)
@@ -137,8 +136,8 @@ def _login_for(smtp: Smtp) -> _Login | None:
 def _authenticate(client: smtplib.SMTP, smtp: Smtp, login: _Login) -> str:
     """AUTH with the first mechanism both sides know; returns its name.
 
-    Raises ``SmtpRejected`` (``smtp_auth_unavailable`` when the server offers no usable
-    mechanism, ``smtp_auth_failed`` when it refuses the credentials) or ``SmtpTemporaryFailure``.
+    Raises ``SmtpAuthUnavailable`` when the server offers no usable mechanism,
+    ``SmtpAuthFailed`` when it refuses the credentials, or ``SmtpTemporaryFailure``.
     """
     where = f"{smtp.host}:{smtp.port}"
     offered = client.esmtp_features.get("auth", "").upper().split()
@@ -147,9 +146,8 @@ def _authenticate(client: smtplib.SMTP, smtp: Smtp, login: _Login) -> str:
     if mechanism is None:
         has = f"offers AUTH {' '.join(offered)}" if offered else "offers no AUTH"
         plain = " on this unencrypted connection" if smtp.security == "none" else ""
-        raise SmtpRejected(
-            f"{where} {has}{plain}, not {' or '.join(wanted)}; cannot log in as {login.user}",
-            reason="smtp_auth_unavailable",
+        raise SmtpAuthUnavailable(
+            f"{where} {has}{plain}, not {' or '.join(wanted)}; cannot log in as {login.user}"
         )
     authobject: _XOAuth2 | None = None
     if login.xoauth2:
@@ -185,8 +183,8 @@ def _authenticate(client: smtplib.SMTP, smtp: Smtp, login: _Login) -> str:
     if 400 <= code < 500:
         raise SmtpTemporaryFailure(detail, smtp_reply=str(reply))
     # smtplib returns 503 as "already authenticated"; on a connection's only AUTH it is a refusal.
-    reason = "smtp_auth_unavailable" if code in _AUTH_UNAVAILABLE_CODES else "smtp_auth_failed"
-    raise SmtpRejected(detail, reason=reason, smtp_reply=str(reply))
+    refused = SmtpAuthUnavailable if code in _AUTH_UNAVAILABLE_CODES else SmtpAuthFailed
+    raise refused(detail, smtp_reply=str(reply))
 
 
 def _password(smtp: Smtp) -> str:
@@ -200,10 +198,7 @@ def _password(smtp: Smtp) -> str:
     raise ConfigurationError("SMTP user is set but neither password nor password_file")
 
 
-def _set_timeout(client: smtplib.SMTP, timeout_s: float) -> None:
-    client.timeout = timeout_s
-    if client.sock is not None:
-        client.sock.settimeout(timeout_s)
+"""The name ``pool.py`` imports it by."""
 
 
 def _quit(client: smtplib.SMTP) -> None:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 
 from schemas.tenant import Smtp
-from worker.errors import ConfigurationError, TransientError
+from worker.errors import ConfigurationError, OAuthTokenInvalid, OAuthTokenUnavailable
 
 TOKEN_COMMAND_TIMEOUT_S = 30.0
 
@@ -29,9 +29,9 @@ def read_token(smtp: Smtp) -> str:
     passed through (to the worker log or the terminal), its standard output is the token.
 
     Raises:
-      TransientError: (reason ``oauth_token_unavailable``) the file cannot be read or is
+      OAuthTokenUnavailable: the file cannot be read or is
         empty, the command fails or times out; a refresh may fix it.
-      ConfigurationError: (reason ``oauth_token_invalid``) what was read is not one bearer token.
+      OAuthTokenInvalid: what was read is not one bearer token.
     """
     if smtp.token_file is not None:
         source = f"token_file {smtp.token_file}"
@@ -49,10 +49,9 @@ def read_token(smtp: Smtp) -> str:
         raise _unavailable(f"{source} gave an empty token")
     if not _BEARER_TOKEN.match(token):
         lines = len(token.splitlines())
-        raise ConfigurationError(
+        raise OAuthTokenInvalid(
             f"{source} did not give one bearer token ({len(token)} characters on {lines} line(s));"
-            " it must give only the access token, without 'Bearer', quotes or JSON",
-            reason="oauth_token_invalid",
+            " it must give only the access token, without 'Bearer', quotes or JSON"
         )
     return token
 
@@ -88,8 +87,8 @@ def _run_token_command(command: str) -> str:
     return out
 
 
-def _unavailable(message: str) -> TransientError:
-    return TransientError(f"no OAuth2 token: {message}", reason="oauth_token_unavailable")
+def _unavailable(message: str) -> OAuthTokenUnavailable:
+    return OAuthTokenUnavailable(f"no OAuth2 token: {message}")
 
 
 __all__ = ["TOKEN_COMMAND_TIMEOUT_S", "read_token", "xoauth2_response"]

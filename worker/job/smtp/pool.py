@@ -17,9 +17,10 @@ from worker.errors import (
     SmtpTemporaryFailure,
 )
 from worker.job.compose import Composed
-from worker.job.smtp.connect import _Connection, _quit, _set_timeout, open_connection
+from worker.job.smtp.connect import _Connection, _quit, open_connection
 from worker.job.smtp.replies import Delivery
 from worker.job.smtp.transaction import _envelope, _Progress, _transact
+from worker.library_internals import set_smtp_timeout, smtp_socket_closed
 
 _IDLE_CLOSE_S = 30.0
 # A server slower than this to accept an envelope ahead of the series slot is
@@ -114,7 +115,7 @@ class SmtpPool:
     ) -> None:
         """A connection after an attempt: pooled again, unless the attempt ended in an error or
         the connection was dropped to abort a transaction."""
-        if delivery.error is None and conn.client.sock is not None:
+        if delivery.error is None and not smtp_socket_closed(conn.client):
             self._put_back(tenant_id, smtp, conn, permits)
         else:
             _quit(conn.client)
@@ -177,9 +178,9 @@ class SmtpPool:
                 return None  # deliver() tries again and reports the failure
         progress = _Progress(list(message.recipients))
         try:
-            _set_timeout(conn.client, min(self._timeout_s, _STAGE_TIMEOUT_S))
+            set_smtp_timeout(conn.client, min(self._timeout_s, _STAGE_TIMEOUT_S))
             _envelope(conn.client, message, progress)
-            _set_timeout(conn.client, self._timeout_s)
+            set_smtp_timeout(conn.client, self._timeout_s)
         except (OSError, smtplib.SMTPException, SmtpTemporaryFailure, SmtpRejected):
             # deliver() tries again on another connection and classifies what it gets.
             _quit(conn.client)
@@ -267,7 +268,7 @@ def _retire(conns: list[_Connection]) -> None:
 
 def _quit_all(conns: list[_Connection]) -> None:
     for conn in conns:
-        _set_timeout(conn.client, _STAGE_TIMEOUT_S)
+        set_smtp_timeout(conn.client, _STAGE_TIMEOUT_S)
         _quit(conn.client)
 
 

@@ -11,6 +11,7 @@ import smtplib
 from dataclasses import dataclass
 
 from worker.errors import (
+    RecipientsRefused,
     SmtpConnectionError,
     SmtpRejected,
     SmtpTemporaryFailure,
@@ -69,9 +70,7 @@ class Delivery:
         summary = "; ".join(f"{a}: {r}" for a, r in self.refused.items())
         if transient:
             return SmtpTemporaryFailure(f"no recipient accepted: {summary}", smtp_reply=str(worst))
-        return SmtpRejected(
-            f"every recipient refused: {summary}", reason="recipients_refused", smtp_reply=str(worst)
-        )
+        return RecipientsRefused(f"every recipient refused: {summary}", smtp_reply=str(worst))
 
 
 def _translate(error: BaseException, stage: str) -> SmtpTemporaryFailure | SmtpRejected | SmtpConnectionError:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import smtplib
 from dataclasses import dataclass, field
 
-from worker.errors import SmtpConnectionError, SmtpRejected, SmtpTemporaryFailure
+from worker.errors import SmtpConnectionError, SmtpRejected, SmtpTemporaryFailure, Smtputf8Unsupported
 from worker.job.compose import Composed
 from worker.job.smtp.connect import _Connection
 from worker.job.smtp.replies import Delivery, SmtpReply, _classify, _expect, _translate
+from worker.library_internals import use_utf8_commands
 
 
 def _send_data(client: smtplib.SMTP, data: bytes, *, announced: bool = False) -> tuple[int, bytes]:
@@ -18,8 +19,7 @@ def _send_data(client: smtplib.SMTP, data: bytes, *, announced: bool = False) ->
     smtplib's ``data()`` does, would break the DKIM signature made over them.
     """
     if not announced:
-        client.putcmd("data")
-        code, reply = client.getreply()
+        code, reply = client.docmd("data")
         if code != 354:
             raise smtplib.SMTPDataError(code, reply)
     stuffed = data.replace(b"\r\n.", b"\r\n..")
@@ -55,9 +55,8 @@ def _envelope(
     """
     options = ["SMTPUTF8"] if message.smtputf8 else []
     if message.smtputf8 and not client.has_extn("smtputf8"):
-        raise SmtpRejected(
-            "an address has a non-ASCII local part and the server does not offer SMTPUTF8",
-            reason="smtputf8_unsupported",
+        raise Smtputf8Unsupported(
+            "an address has a non-ASCII local part and the server does not offer SMTPUTF8"
         )
     if "size" in client.esmtp_features:
         options.append(f"SIZE={len(message.data)}")
@@ -92,7 +91,7 @@ def _pipelined_envelope(
     """The envelope in one write; every reply is read before any is judged, so a connection
     that goes on being used never has an answer left unread."""
     if message.smtputf8:
-        client.command_encoding = "utf-8"
+        use_utf8_commands(client)
     recipients = list(progress.pending)
     extra = "".join(" " + option for option in options)
     commands = [f"MAIL FROM:<{message.mail_from}>{extra}\r\n"]

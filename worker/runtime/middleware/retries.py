@@ -27,8 +27,11 @@ from worker.errors import (
     ClaimedElsewhere,
     DatabaseUnavailable,
     OutcomeUnrecorded,
+    PostboteError,
+    TransientError,
 )
 from worker.settings import Settings
+from worker.vocabulary import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +42,16 @@ REQUEUES = "requeues"
 UNRECORDED_OUTCOME = "unrecorded_outcome"
 """Message option: an SMTP outcome the ledger could not take yet (see ``OutcomeUnrecorded``)."""
 
+QUIET_FAILURES = (TransientError,)
+"""The actors' ``throws`` option. dramatiq logs an exception of these classes without a
+traceback, since they are expected; whether it is retried is this middleware's decision,
+not dramatiq's (dramatiq's own ``Retries`` middleware is not installed)."""
+
 NOT_THE_JOBS_FAULT = (DatabaseUnavailable, BrokerUnavailable, ClaimedElsewhere, OutcomeUnrecorded)
 """Errors that do not use up an attempt: our own infrastructure, or another worker's claim.
 Only the maximum age bounds them."""
 
-GiveUp = Callable[[dramatiq.MessageProxy, BaseException, str, str, int], None]
+GiveUp = Callable[[dramatiq.MessageProxy, BaseException, Reason, str, int], None]
 """Records a job as dead: ``(message, last error, reason, detail, failed attempts)``.
 May raise ``DatabaseUnavailable``; the message is then retried until it can be recorded."""
 
@@ -115,15 +123,15 @@ class RetryPolicy(Middleware):
 
     def _verdict(
         self, message: dramatiq.MessageProxy, exception: BaseException, failed: int
-    ) -> tuple[str, str] | None:
-        last = f"{getattr(exception, 'reason', 'internal_error')}: {exception or type(exception).__name__}"
+    ) -> tuple[Reason, str] | None:
+        reason = exception.reason if isinstance(exception, PostboteError) else Reason.INTERNAL_ERROR
+        last = f"{reason}: {exception or type(exception).__name__}"
         if failed >= self.max_attempts:
-            reason = getattr(exception, "reason", "internal_error")
             return reason, f"gave up after {failed} failed attempts; last error {last}"
         age_ms = int(time.time() * 1000) - int(message.message_timestamp)
         if age_ms >= self.max_age_ms:
             return (
-                "max_age_exceeded",
+                Reason.MAX_AGE_EXCEEDED,
                 f"first published {age_ms // 1000} s ago, longer than max_age_ms"
                 f" ({self.max_age_ms // 1000} s); last error {last}",
             )
@@ -139,6 +147,7 @@ class RetryPolicy(Middleware):
 
 __all__ = [
     "FAILED_ATTEMPTS",
+    "QUIET_FAILURES",
     "REQUEUES",
     "UNRECORDED_OUTCOME",
     "GiveUp",

@@ -1,4 +1,4 @@
-"""Helpers for the tests of a running worker's HTTP endpoints and metrics."""
+"""A running worker's HTTP endpoints and metrics: GET a path, wait for a condition, read a sample."""
 
 from __future__ import annotations
 
@@ -61,3 +61,6 @@ def metrics_when(port: int, check: Callable[[str], bool]) -> str | None:
     """The worker's ``/metrics`` if ``check`` accepts it, else ``None`` (for ``wait_for``)."""
     text = http_get(port, "/metrics")[1]
     return text if check(text) else None
+
+
+__all__ = ["http_get", "metrics_when", "sample", "wait_for", "wait_metrics"]

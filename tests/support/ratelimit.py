@@ -1,4 +1,4 @@
-"""Helpers for the series limiter tests: the invariant check and sender processes."""
+"""The series limiter tests' tools: the invariant check, sender processes, a series database."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import ADMIN_URL
+from tests.support.services import ROOT, database_url
 from worker.db import drop_database, ensure_database
 from worker.errors import DatabaseUnavailable
 from worker.job.ratelimit import PostgresBackend, SeriesLimiter, Throttled
@@ -126,14 +126,14 @@ def throttled_count(directory: Path, tenant_id: str) -> int:
     return sum(int(p.read_text()) for p in directory.glob(f"throttled-{tenant_id}-*.txt"))
 
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "migrations"
+MIGRATIONS_DIR = ROOT / "deploy" / "migrations"
 SERIES_MIGRATIONS = ("0002_series.sql", "0004_series_functions.sql")
 
 
 @contextmanager
 def series_database() -> Iterator[str]:
     """A fresh database with the series tables and functions (applied twice: harmless), dropped afterwards."""
-    url = psycopg.conninfo.make_conninfo(ADMIN_URL, dbname=f"postbote_test_{uuid.uuid4().hex[:12]}")
+    url = database_url(f"postbote_test_{uuid.uuid4().hex[:12]}")
     try:
         ensure_database(url)
     except DatabaseUnavailable as e:
@@ -146,3 +146,18 @@ def series_database() -> Iterator[str]:
         yield url
     finally:
         drop_database(url)
+
+
+__all__ = [
+    "MIGRATIONS_DIR",
+    "SERIES_MIGRATIONS",
+    "Sender",
+    "chunks",
+    "oversized",
+    "read_arrivals",
+    "record_arrival",
+    "run_holder",
+    "run_sender",
+    "series_database",
+    "throttled_count",
+]

@@ -115,7 +115,7 @@ class PerlVerdict:
 
 
 def perl_verify(message: bytes, *records: DnsRecord) -> PerlVerdict:
-    """Mail::DKIM's verdict, via tests/dkim_verify.pl; fails the test when Mail::DKIM is missing."""
+    """Mail::DKIM's verdict, via tests/support/dkim_verify.pl; fails the test when Mail::DKIM is missing."""
     try:
         done = subprocess.run(
             ["perl", str(PERL_VERIFIER), *(f"{r.name}={''.join(r.strings)}" for r in records)],
@@ -134,3 +134,19 @@ def perl_verify(message: bytes, *records: DnsRecord) -> PerlVerdict:
         result, a, d, s, detail = line.split(" ", 4)
         signatures.append({"result": result, "a": a[2:], "d": d[2:], "s": s[2:], "detail": detail})
     return PerlVerdict(lines[-1].removeprefix("overall "), signatures)
+
+
+__all__ = [
+    "MESSAGES",
+    "PDF",
+    "FakeResolver",
+    "PerlVerdict",
+    "dkimpy_verify",
+    "long_lines",
+    "mail",
+    "non_ascii_subject",
+    "perl_verify",
+    "plain",
+    "txt_rdata",
+    "with_pdf",
+]

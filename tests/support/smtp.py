@@ -1,9 +1,13 @@
-"""What the SMTP pool tests share: sinks started per test, a server entry for one, a tiny message."""
+"""The SMTP side of the tests: sinks started per test, what a sink received, a server entry for
+one, a tiny message."""
 
 from __future__ import annotations
 
+import email
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from email import policy
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +48,18 @@ def server_of(sink: Sink, **fields: Any) -> Smtp:
 def message(*recipients: str, n: int = 1, body: str = "Hallo") -> Composed:
     data = f"From: a@acme.example\r\nTo: {', '.join(recipients)}\r\nSubject: {n}\r\n\r\n{body}\r\n".encode()
     return Composed(data, "a@acme.example", recipients, f"<{n}@acme.example>", smtputf8=False)
+
+
+def received_messages(sink: Sink, timeout: float = 10, count: int = 1) -> list[tuple[Any, Any]]:
+    """(envelope record, parsed message) for what the sink received, waiting for ``count`` of them."""
+    deadline = time.monotonic() + timeout
+    while len(sink.handler.received) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    out = []
+    for record in list(sink.handler.received):
+        data = (sink.handler.maildir / record.file).read_bytes()
+        out.append((record, email.message_from_bytes(data, policy=policy.default)))
+    return out
+
+
+__all__ = ["message", "received_messages", "server_of", "sink_starter"]

@@ -1,4 +1,4 @@
-"""Shared helpers for the tests of the shipped deployment and observability files."""
+"""Reading the shipped deployment and observability files: metric names, YAML, durations, anchors."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from schemas import constants
+from tests.support.services import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCS = ROOT / "docs"
 
@@ -96,3 +96,24 @@ def bind_mounts(service: dict[str, Any]) -> dict[str, str]:
         if parts[0].startswith((".", "/")):
             mounts[parts[0]] = parts[1]
     return mounts
+
+
+__all__ = [
+    "COUNTERS",
+    "DEPLOY",
+    "DOCS",
+    "GAUGES",
+    "HISTOGRAMS",
+    "HISTOGRAM_SUFFIXES",
+    "KNOWN_METRICS",
+    "ROOT",
+    "base_metric",
+    "bind_mounts",
+    "duration_seconds",
+    "load_yaml",
+    "load_yaml_docs",
+    "markdown_anchors",
+    "referenced_metrics",
+    "require_promtool",
+    "unknown_metrics",
+]

@@ -21,7 +21,7 @@ import pika
 
 from producer.queues import declare_queues
 from schemas.constants import DOCUMENTS_QUEUE, queue_name
-from tests.conftest import delete_queues, wait_final
+from tests.support.ledger import dead_reasons, recipient_states, wait_final
 from worker.db import Connection
 from worker.settings import Settings
 from worker.testbed.sink import RecordingHandler, free_port
@@ -150,13 +150,6 @@ class PrivatePostgres:
         )
 
 
-def own_queues(settings: Settings, **changes: Any) -> Settings:
-    """The run's settings with a queue prefix of its own (so a dedicated worker gets only our jobs)."""
-    return settings.model_copy(
-        update={"queue_prefix": f"{settings.queue_prefix}-{uuid.uuid4().hex[:6]}", **changes}
-    )
-
-
 def publish_raw(settings: Settings, body: bytes, lane: str = DOCUMENTS_QUEUE) -> None:
     """Put bytes on a lane's work queue as a careless publisher would, bypassing all validation."""
     queue = queue_name(settings.queue_prefix, lane)
@@ -198,13 +191,6 @@ def copies_received(*handlers: RecordingHandler) -> Counter[tuple[str, str]]:
     return copies
 
 
-def dead_reasons(db: Connection, job_ids: list[str]) -> dict[str, str]:
-    rows = db.execute(
-        "SELECT job_id::text AS job_id, reason FROM dead_letters WHERE job_id = ANY(%s::uuid[])", (job_ids,)
-    ).fetchall()
-    return {str(r["job_id"]): str(r["reason"]) for r in rows}
-
-
 def assert_sent_once_or_dead(
     db: Connection,
     job_ids: list[str],
@@ -235,37 +221,6 @@ def assert_sent_once_or_dead(
     return rows
 
 
-def recipient_states(db: Connection, job_id: str) -> dict[str, tuple[str, str]]:
-    """Each envelope recipient of a job with its role and state, as the ledger has them."""
-    rows = db.execute(
-        "SELECT address, role, state FROM delivery_recipients WHERE job_id = %s ORDER BY position", (job_id,)
-    ).fetchall()
-    return {str(r["address"]): (str(r["role"]), str(r["state"])) for r in rows}
-
-
-def wait_dead(db: Connection, entry_id: str, timeout: float = 30) -> dict[str, Any]:
-    """The dead-letter entry ``entry_id`` once it exists."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        row = db.execute("SELECT * FROM dead_letters WHERE id = %s", (entry_id,)).fetchone()
-        if row is not None:
-            return row
-        time.sleep(0.1)
-    raise AssertionError(f"{entry_id} was not dead-lettered within {timeout}s")
-
-
-def wait_status(db: Connection, job_id: str, status: str, timeout: float = 30) -> dict[str, Any]:
-    """The ledger row of ``job_id`` once it has ``status``."""
-    deadline = time.monotonic() + timeout
-    row = None
-    while time.monotonic() < deadline:
-        row = db.execute("SELECT * FROM deliveries WHERE job_id = %s", (job_id,)).fetchone()
-        if row is not None and row["status"] == status:
-            return row
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} is not {status} after {timeout}s: {row}")
-
-
 def worker_children(supervisor_pid: int) -> list[int]:
     """The worker processes a ``postbote worker`` supervisor runs (Linux /proc)."""
     path = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children")
@@ -274,22 +229,12 @@ def worker_children(supervisor_pid: int) -> list[int]:
     return [p for p in pids if b"multiprocessing.spawn" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
-def cleanup(settings: Settings) -> None:
-    delete_queues(settings)
-
-
 __all__ = [
     "PrivatePostgres",
     "PrivateRabbitmq",
     "assert_sent_once_or_dead",
-    "cleanup",
     "copies_received",
-    "dead_reasons",
     "dramatiq_message",
-    "own_queues",
     "publish_raw",
-    "recipient_states",
-    "wait_dead",
-    "wait_status",
     "worker_children",
 ]

@@ -45,3 +45,6 @@ def attempts(sink: Sink) -> list[tuple[str, str, bool]]:
 def smtp_settings(sink: Sink, **fields: Any) -> dict[str, Any]:
     """A tenant's ``smtp`` block pointing at ``sink``."""
     return {"host": sink.host, "port": sink.port, "user": USER, "helo": "test.postbote", **fields}
+
+
+__all__ = ["ACCOUNT", "PASSWORD", "TOKEN", "USER", "attempts", "certificates", "running", "smtp_settings"]

@@ -1,0 +1,131 @@
+"""The shared RabbitMQ and PostgreSQL a test run uses, and postbote driven as a user drives it:
+the ``postbote`` CLI and ``postbote worker`` as subprocesses, jobs published through the producer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+import producer.queues
+from producer import publish
+from schemas.constants import lane_queues
+from schemas.job import Job
+from worker.settings import Settings
+from worker.testbed.sink import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+BROKER_URL = os.environ.get("POSTBOTE_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+ADMIN_URL = os.environ.get("POSTBOTE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def database_url(name: str) -> str:
+    """The URL of database ``name`` on the test PostgreSQL server."""
+    return psycopg.conninfo.make_conninfo(ADMIN_URL, dbname=name)
+
+
+def isolated_settings(settings: Settings, **overrides: Any) -> Settings:
+    """``settings`` with a queue prefix of its own (so a dedicated worker gets only our jobs) and
+    ``overrides``; the caller deletes its queues with :func:`delete_queues`."""
+    return settings.model_copy(
+        update={"queue_prefix": f"{settings.queue_prefix}-{uuid.uuid4().hex[:6]}", **overrides}
+    )
+
+
+def delete_queues(settings: Settings) -> None:
+    """Delete every queue under ``settings.queue_prefix``."""
+    producer.queues.delete_queues(settings.broker_url, lane_queues(settings.queue_prefix))
+
+
+def settings_env(settings: Settings, **overrides: Any) -> dict[str, str]:
+    """The environment a ``postbote`` subprocess needs to act on this test run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTBOTE_")}
+    for key, value in {**settings.model_dump(), **overrides}.items():
+        env[f"POSTBOTE_{key.upper()}"] = str(value)
+    return env
+
+
+def postbote(
+    settings: Settings, *args: str, input: str | None = None, **overrides: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``postbote`` CLI as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env=settings_env(settings, **overrides),
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+class RunningWorker:
+    """``postbote worker`` as a subprocess with its own log file."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        processes: int = 1,
+        threads: int = 4,
+        options: tuple[str, ...] = (),
+        **overrides: Any,
+    ) -> None:
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"postbote-worker-{uuid.uuid4().hex[:8]}.log"
+        self.metrics_port = int(overrides.pop("metrics_port", free_port()))
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "worker",
+                    "worker",
+                    "--processes",
+                    str(processes),
+                    "--threads",
+                    str(threads),
+                    *options,
+                ],
+                env=settings_env(settings, metrics_port=self.metrics_port, **overrides),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+    def output(self) -> str:
+        """Everything the worker wrote so far (also after ``stop``)."""
+        return self.log_path.read_text()
+
+
+def send_jobs(settings: Settings, jobs: list[dict[str, Any]]) -> list[str]:
+    """Validate and publish ``jobs`` as the producer does; returns their ids."""
+    models = [Job.model_validate(j) for j in jobs]
+    return [
+        str(i) for i in publish(models, broker_url=settings.broker_url, queue_prefix=settings.queue_prefix)
+    ]
+
+
+__all__ = [
+    "ADMIN_URL",
+    "BROKER_URL",
+    "ROOT",
+    "RunningWorker",
+    "database_url",
+    "delete_queues",
+    "isolated_settings",
+    "postbote",
+    "send_jobs",
+    "settings_env",
+]

@@ -1,0 +1,123 @@
+"""The words postbote records and reports: job statuses, recipient roles and states, failure
+reasons, log outcomes. The ledger, the dead-letter store, the metrics and the logs take their
+values from here; SQL binds them as parameters."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    """A job's status in the delivery ledger."""
+
+    SENDING = "sending"
+    """Claimed by a worker; SMTP under way."""
+    RETRYING = "retrying"
+    """A later attempt is due (``next_attempt_at``)."""
+    SENT = "sent"
+    PARTIAL = "partial"
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL
+
+    @property
+    def delivered(self) -> bool:
+        """Some customer-facing recipient has the mail."""
+        return self in DELIVERED
+
+
+FINAL = frozenset({Status.SENT, Status.PARTIAL, Status.FAILED})
+DELIVERED = frozenset({Status.SENT, Status.PARTIAL})
+
+
+class Role(StrEnum):
+    """Why an address is in the envelope."""
+
+    TO = "to"
+    CC = "cc"
+    BCC = "bcc"
+    CLERK = "clerk"
+    ARCHIVE = "archive"
+
+    @property
+    def customer_facing(self) -> bool:
+        return self in CUSTOMER_FACING
+
+
+CUSTOMER_FACING = frozenset({Role.TO, Role.CC, Role.BCC})
+
+
+class RecipientState(StrEnum):
+    PENDING = "pending"
+    ACCEPTED = "accepted"
+    REFUSED = "refused"
+
+
+class Reason(StrEnum):
+    """Why a job failed, waits or was dead-lettered: the ``reason`` in the ledger, the dead-letter
+    store, the metric labels and the logs."""
+
+    ERROR = "error"
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+    INTERNAL_ERROR = "internal_error"
+    # the job itself
+    INVALID_JOB = "invalid_job"
+    NOT_A_JOB = "not_a_job"
+    MALFORMED_JSON = "malformed_json"
+    NOT_A_DRAMATIQ_MESSAGE = "not_a_dramatiq_message"
+    UNKNOWN_ACTOR = "unknown_actor"
+    REJECTED_BY_WORKER = "rejected_by_worker"
+    JOB_ID_CONFLICT = "job_id_conflict"
+    UNKNOWN_TENANT = "unknown_tenant"
+    UNKNOWN_USER = "unknown_user"
+    SENDER_NOT_PERMITTED = "sender_not_permitted"
+    CONFIGURATION = "configuration"
+    DKIM_FAILED = "dkim_failed"
+    # SMTP
+    SMTP_TEMPORARY = "smtp_temporary"
+    SMTP_CONNECTION = "smtp_connection"
+    SMTP_TIMEOUT = "smtp_timeout"
+    SMTP_REJECTED = "smtp_rejected"
+    RECIPIENTS_REFUSED = "recipients_refused"
+    SMTPUTF8_UNSUPPORTED = "smtputf8_unsupported"
+    STARTTLS_UNAVAILABLE = "starttls_unavailable"
+    TLS_VERIFY_FAILED = "tls_verify_failed"
+    SMTP_AUTH_FAILED = "smtp_auth_failed"
+    SMTP_AUTH_UNAVAILABLE = "smtp_auth_unavailable"
+    OAUTH_TOKEN_UNAVAILABLE = "oauth_token_unavailable"
+    OAUTH_TOKEN_INVALID = "oauth_token_invalid"
+    # our own infrastructure and the retry policy
+    DATABASE_UNAVAILABLE = "database_unavailable"
+    BROKER_UNAVAILABLE = "broker_unavailable"
+    LEDGER_UNAVAILABLE = "ledger_unavailable"
+    CLAIMED_ELSEWHERE = "claimed_elsewhere"
+    CRASH_LOOP = "crash_loop"
+    MAX_AGE_EXCEEDED = "max_age_exceeded"
+    THROTTLED = "throttled"
+    REPLAYED = "replayed"
+
+
+class LogOutcome(StrEnum):
+    """The ``outcome`` of a job's log line."""
+
+    SENT = "sent"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    RETRYING = "retrying"
+    DUPLICATE_PREVENTED = "duplicate_prevented"
+    DEFERRED_SERIES = "deferred_series"
+
+
+__all__ = [
+    "CUSTOMER_FACING",
+    "DELIVERED",
+    "FINAL",
+    "LogOutcome",
+    "Reason",
+    "RecipientState",
+    "Role",
+    "Status",
+]
