@@ -19,7 +19,13 @@ from pika.spec import Basic
 
 from producer.queues import DEAD_MESSAGE_TTL_MS, queue_arguments
 
-_PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+
+def _properties(parameters: pika.connection.Parameters) -> pika.BasicProperties:
+    """Persistent JSON, naming the publishing RabbitMQ user (``user_id``, which RabbitMQ checks
+    against the connection's user), so a tenant can limit who publishes for it."""
+    credentials = parameters.credentials
+    user = credentials.username if isinstance(credentials, pika.PlainCredentials) else None
+    return pika.BasicProperties(delivery_mode=2, content_type="application/json", user_id=user)
 
 
 class ConfirmError(Exception):
@@ -53,6 +59,7 @@ class _Run:
     ) -> None:
         self.messages = messages
         self.window = window
+        self.properties = _properties(parameters)
         self.sent = 0
         self.acked_upto = 0
         self.acked_beyond: set[int] = set()
@@ -88,7 +95,12 @@ class _Run:
 
     def _on_closed(self, connection: pika.SelectConnection, reason: BaseException) -> None:
         if self.error is None and self.acked_upto < len(self.messages):
-            self.error = f"connection to RabbitMQ closed: {reason}"
+            if isinstance(reason, pika.exceptions.ConnectionBlockedTimeout):
+                self.error = (
+                    "RabbitMQ blocked publishing and did not resume in time (a memory or disk alarm?)"
+                )
+            else:
+                self.error = f"connection to RabbitMQ closed: {reason}"
             self.frozen = self.acked_upto
         connection.ioloop.stop()
 
@@ -114,7 +126,7 @@ class _Run:
         assert self.channel is not None
         while self.sent < len(self.messages) and self.sent - self.acked_upto < self.window:
             queue, body = self.messages[self.sent]
-            self.channel.basic_publish("", queue, body, _PERSISTENT, mandatory=True)
+            self.channel.basic_publish("", queue, body, self.properties, mandatory=True)
             self.sent += 1
         if not self.messages:
             self.connection.close()

@@ -53,7 +53,9 @@ def parse_jobs(
             pass
     items: list[tuple[int, Any]] = []
     errors: list[InvalidLine] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON lines end in LF (CRLF tolerated); str.splitlines() would also split inside a JSON
+    # string at U+2028, U+0085 and other line breaks JSON allows unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -123,6 +125,8 @@ def _publish_encoded(messages: list[tuple[str, bytes]], broker_url: str) -> None
     params = pika.URLParameters(broker_url)
     params.connection_attempts = 1
     params.socket_timeout = 10
+    # A broker under a memory or disk alarm blocks publishers; fail instead of waiting forever.
+    params.blocked_connection_timeout = 30
     try:
         publish_confirmed(params, messages)
     except ConfirmError as e:

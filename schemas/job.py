@@ -11,7 +11,7 @@ from uuid import UUID, uuid4
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from schemas.constants import DEFAULT_MAX_JOB_BYTES
-from schemas.fields import Address, HeaderText, Identifier
+from schemas.fields import Address, HeaderText, Identifier, Text
 
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _MIME_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
@@ -36,8 +36,8 @@ class Document(_Model):
 
 
 class Body(_Model):
-    text: str
-    html: str | None = None
+    text: Text
+    html: Text | None = None
 
 
 class Attachment(_Model):

@@ -130,6 +130,10 @@ class Employee(_Model):
     senders: list[Address] = []
 
 
+BrokerUser = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
+"""A RabbitMQ user name."""
+
+
 class Tenant(_Model):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")]
     smtp: Smtp
@@ -141,6 +145,10 @@ class Tenant(_Model):
     dkim: Dkim | None = None
     groups: list[Group] = []
     employees: list[Employee] = []
+    publishers: Annotated[list[BrokerUser], Field(max_length=100)] | None = None
+    """The RabbitMQ users allowed to publish jobs for this tenant (RabbitMQ checks a message's
+    ``user_id`` property against the connection's user); a job from anyone else is dead-lettered
+    as ``publisher_not_permitted``. Absent: any publisher."""
 
     @model_validator(mode="after")
     def _references(self) -> Tenant:

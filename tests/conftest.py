@@ -13,13 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.support.services import BROKER_URL, RunningWorker, database_url, delete_queues, isolated_settings
+from tests.support.services import (
+    BROKER_URL,
+    RunningWorker,
+    add_tenant,
+    database_url,
+    delete_queues,
+    isolated_settings,
+)
 from worker.db import Connection, connect, drop_database, ensure_database, upgrade
 from worker.settings import Settings
 from worker.testbed.sink import RecordingHandler, Sink, free_port
-from worker.tools.tenant_file import apply_tenants, read_tenant_file
 
 
 @pytest.fixture(scope="session")
@@ -93,19 +98,7 @@ def make_tenant(settings: Settings, sink: Sink, tmp_path: Path) -> Callable[...,
     """Create a tenant sending to the test's sink; returns its id (unique per test)."""
 
     def make(**fields: Any) -> str:
-        tenant_id = fields.pop("id", None) or f"t{uuid.uuid4().hex[:12]}"
-        tenant = {
-            "id": tenant_id,
-            "smtp": {"host": sink.host, "port": sink.port, "security": "none", "helo": "test.postbote"},
-            "series": {"batch_size": 1000, "pause_ms": 0},
-            "employees": [{"id": "u1", "email": "anna@acme.example", "name": "Anna Berg"}],
-            **fields,
-        }
-        path = tmp_path / f"{tenant_id}.yaml"
-        path.write_text(yaml.safe_dump({"tenants": [tenant]}))
-        with connect(settings.database_url) as conn:
-            apply_tenants(conn, read_tenant_file(path))
-        return tenant_id
+        return add_tenant(settings.database_url, sink, tmp_path, **fields)
 
     return make
 

@@ -121,3 +121,22 @@ def test_a_non_ascii_local_part_needs_smtputf8() -> None:
     data = make_job("acme", "invoice", 1, user_id="u1", to="jürgen@example.com")
     job = Job.model_validate(data)
     assert compose_message(job, ANNA, customer_recipients(job)).smtputf8
+
+
+def test_no_header_line_passes_998_characters_even_for_unbreakable_text() -> None:
+    raw, message = compose(
+        subject="x" * 998,
+        attachments=[
+            {
+                "filename": "Rechnung-äöü-" * 18 + ".pdf",
+                "content_type": "application/pdf",
+                "content_base64": base64.b64encode(b"%PDF-1.4").decode(),
+            }
+        ],
+    )
+    header = raw.split(b"\r\n\r\n")[0]
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    assert max(len(line) for line in header.split(b"\r\n")) <= 998
+    assert message["Subject"] == "x" * 998
+    [attachment] = message.iter_attachments()
+    assert attachment.get_filename() == "Rechnung-äöü-" * 18 + ".pdf"

@@ -24,6 +24,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from dkim.canonicalization import CanonicalizationPolicy
 from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqMessage
+from dramatiq.brokers.stub import StubBroker
 from packaging.requirements import Requirement
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.utils.io_services_utils import _AsyncTransportBase
@@ -37,6 +38,8 @@ from worker.library_internals import (
     fold_dkim_header,
     hash_dkim_headers,
     pika_read_size,
+    rabbitmq_message,
+    set_delay_prefetch,
     set_smtp_timeout,
     smtp_socket,
     smtp_socket_closed,
@@ -140,8 +143,47 @@ def test_dramatiqs_rabbitmq_consumer_still_has_what_the_worker_overrides_and_use
 def test_dramatiqs_rabbitmq_messages_still_carry_their_delivery_tag() -> None:
     internal = "dramatiq's _RabbitmqMessage._tag"
     assert "_RabbitmqMessage" in names_used_by(RabbitmqConsumerBase.__next__), changed(internal, "dramatiq")
+    assert parameters(_RabbitmqMessage.__init__) == ["self", "redelivered", "tag", "message"], changed(
+        "dramatiq's _RabbitmqMessage(redelivered, tag, message)", "dramatiq"
+    )
     message = dramatiq.Message(queue_name="q", actor_name="a", args=(), kwargs={}, options={})
     assert delivery_tag(_RabbitmqMessage(False, 4711, message)) == 4711, changed(internal, "dramatiq")
+    built = rabbitmq_message(True, 4712, message)
+    assert isinstance(built, _RabbitmqMessage) and delivery_tag(built) == 4712, changed(internal, "dramatiq")
+    assert built.redelivered and built.message_id == message.message_id, changed(internal, "dramatiq")
+
+
+def test_dramatiqs_rabbitmq_consumer_still_reads_deliveries_as_the_worker_does() -> None:
+    internal = "dramatiq's _RabbitmqConsumer.__next__"
+    # What __init__ sets and __next__ reads, which broker._GuardedConsumer.__next__ reads the same way.
+    assert {"broker", "queue_name", "iterator", "consume"} <= names_used_by(RabbitmqConsumerBase.__init__), (
+        changed(f"{internal}: the consume iterator __init__ sets", "dramatiq")
+    )
+    used = names_used_by(RabbitmqConsumerBase.__next__)
+    assert {"iterator", "known_tags", "queues_pending", "delivery_tag", "redelivered"} <= used, changed(
+        internal, "dramatiq"
+    )
+    assert "inactivity_timeout" in parameters(BlockingChannel.consume), changed(
+        "pika's BlockingChannel.consume", "pika"
+    )
+    assert RabbitmqConsumerBase.__next__ is not broker._BatchedAcks.__next__
+
+
+def test_dramatiqs_worker_still_prefetches_its_delay_queues_by_delay_prefetch() -> None:
+    internal = "dramatiq's Worker.delay_prefetch"
+    assert "delay_prefetch" in names_used_by(dramatiq.Worker.__init__), changed(internal, "dramatiq")
+    assert "delay_prefetch" in names_used_by(dramatiq.Worker._add_consumer), changed(internal, "dramatiq")
+    stub = StubBroker()
+    worker = dramatiq.Worker(stub, worker_threads=2)
+    assert worker.delay_prefetch == 2000, changed(f"{internal} (1000 per thread by default)", "dramatiq")
+    set_delay_prefetch(worker, 7)
+    try:
+        worker.start()
+        stub.declare_queue("lane")
+        assert worker.consumers["lane.DQ"].prefetch == 7, changed(internal, "dramatiq")
+        assert worker.consumers["lane"].prefetch == 4, changed("dramatiq's Worker.queue_prefetch", "dramatiq")
+    finally:
+        worker.stop()
 
 
 # dkimpy

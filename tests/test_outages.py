@@ -7,23 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.support.faults import PrivatePostgres, PrivateRabbitmq, assert_sent_once_or_dead
-from tests.support.services import RunningWorker, delete_queues, isolated_settings, send_jobs
+from tests.support.services import RunningWorker, add_tenant, delete_queues, isolated_settings, send_jobs
 from worker.db import connect, ensure_database, upgrade
 from worker.settings import Settings
 from worker.testbed.documents import make_job
 from worker.testbed.sink import Sink
 from worker.testbed.sink.faults import RecipientRules
-from worker.tools.tenant_file import apply_tenants, read_tenant_file
 
 GREYLISTED = "451 4.7.1 greylisted, try again later"
 
@@ -64,24 +61,16 @@ def slow_sink(tmp_path: Path) -> Iterator[Sink]:
     sink.stop()
 
 
-def add_tenant(database_url: str, sink: Sink, tmp_path: Path) -> str:
-    tenant_id = f"t{uuid.uuid4().hex[:10]}"
-    tenant = {
-        "id": tenant_id,
-        "smtp": {"host": sink.host, "port": sink.port, "security": "none"},
-        "series": {"batch_size": 1000, "pause_ms": 0},
-        "archive_bcc": "archiv@acme.example",
-        "cc_clerk": True,
-        "employees": [
-            {"id": "u1", "email": "anna@acme.example"},
-            {"id": "u2", "email": "bernd@acme.example"},
-        ],
-    }
-    path = tmp_path / "tenant.yaml"
-    path.write_text(yaml.safe_dump({"tenants": [tenant]}))
-    with connect(database_url) as conn:
-        apply_tenants(conn, read_tenant_file(path))
-    return tenant_id
+def greylisting_tenant(database_url: str, sink: Sink, tmp_path: Path) -> str:
+    """A tenant as the settings page makes them: archive copy and the clerk in CC."""
+    return add_tenant(
+        database_url,
+        sink,
+        tmp_path,
+        archive_bcc="archiv@acme.example",
+        cc_clerk=True,
+        employees=[{"id": "u1", "email": "anna@acme.example"}, {"id": "u2", "email": "bernd@acme.example"}],
+    )
 
 
 def jobs(tenant: str, count: int) -> list[dict[str, Any]]:
@@ -107,7 +96,7 @@ def test_rabbitmq_restarted_mid_run_loses_nothing_and_sends_nothing_twice(
     settings: Settings, rabbitmq: PrivateRabbitmq, slow_sink: Sink, make_tenant: Any, tmp_path: Path
 ) -> None:
     own = isolated_settings(settings, broker_url=rabbitmq.url, min_backoff_ms=100, max_backoff_ms=500)
-    ids = send_jobs(own, jobs(add_tenant(own.database_url, slow_sink, tmp_path), 40))
+    ids = send_jobs(own, jobs(greylisting_tenant(own.database_url, slow_sink, tmp_path), 40))
     worker = RunningWorker(own, processes=1, threads=4)
     try:
         wait_received(slow_sink, 8, worker)
@@ -134,7 +123,7 @@ def test_postgresql_unreachable_for_a_while_loses_nothing_and_sends_nothing_twic
     ensure_database(own.database_url)
     with connect(own.database_url) as conn:
         upgrade(conn)
-    ids = send_jobs(own, jobs(add_tenant(own.database_url, slow_sink, tmp_path), 40))
+    ids = send_jobs(own, jobs(greylisting_tenant(own.database_url, slow_sink, tmp_path), 40))
     worker = RunningWorker(own, processes=1, threads=4)
     try:
         wait_received(slow_sink, 8, worker)

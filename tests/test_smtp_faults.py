@@ -189,7 +189,7 @@ def test_a_job_failing_past_its_maximum_age_is_dead_with_that_reason(
 def test_an_oversized_job_on_the_queue_is_dead_lettered_naming_the_limit(
     fault_settings: Settings, fault_worker: RunningWorker, make_tenant: Any, db: Connection
 ) -> None:
-    job = make_job(make_tenant(), "invoice", 1, user_id="u1", to="kunde@example.com", padding_bytes=300_000)
+    job = make_job(make_tenant(), "invoice", 1, user_id="u1", to="kunde@example.com", padding_bytes=210_000)
     publish_raw(fault_settings, dramatiq_message(fault_settings, job))
     dead = wait_dead(db, job["job_id"])
     assert dead["reason"] == "invalid_job"

@@ -1,8 +1,16 @@
-"""PostgreSQL connections and migrations. psycopg errors become ``DatabaseUnavailable`` here."""
+"""PostgreSQL connections and migrations. psycopg errors become ``DatabaseUnavailable`` here.
+
+Every connection postbote opens for its own work has TCP keepalives and a user timeout
+(a server that vanished in an unclean failover is noticed within about a minute, not the
+kernel's quarter of an hour), a ``statement_timeout``, and no server-side prepared
+statements (PgBouncer in transaction mode hands each transaction to another server
+session, where a statement prepared in an earlier one does not exist).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,39 +21,115 @@ import psycopg
 import psycopg.conninfo
 from psycopg import sql
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
 from worker.errors import DatabaseUnavailable
+from worker.settings import DEFAULT_STATEMENT_TIMEOUT_MS
 
 # deploy/migrations, reached through the worker/migrations link (copied into wheels).
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 Connection = psycopg.Connection[dict[str, Any]]
 
+KEEPALIVES: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    # Keepalives only probe an idle connection; this bounds a statement sent to a dead peer.
+    "tcp_user_timeout": 60_000,
+}
+"""libpq options of every connection, unless the database URL sets them itself."""
 
-def connect(database_url: str, *, autocommit: bool = False) -> Connection:
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+# Class 42 ("syntax error or access rule violation") is mostly our own SQL being wrong, but
+# these codes say the server is not (yet) the one the code expects: a revoked grant, a
+# database not migrated, prepared statements lost behind a pooler.
+_NOT_OUR_STATEMENT = frozenset(
+    {
+        "42501",  # insufficient_privilege
+        "42P01",  # undefined_table
+        "42703",  # undefined_column
+        "42883",  # undefined_function
+        "42704",  # undefined_object
+        "42P05",  # duplicate_prepared_statement
+        "42P03",  # duplicate_cursor
+        "26000",  # invalid_sql_statement_name (a prepared statement that is gone)
+        "34000",  # invalid_cursor_name
+        "3F000",  # invalid_schema_name
+        "3D000",  # invalid_catalog_name
+    }
+)
+
+
+def connection_kwargs(database_url: str, *, statement_timeout_ms: int) -> dict[str, Any]:
+    """The psycopg and libpq options of a postbote connection to ``database_url``.
+
+    What the URL sets itself wins: its keepalive settings, and a ``statement_timeout`` in
+    its ``options``. ``statement_timeout_ms=0`` sends none (for a pooler that refuses the
+    ``options`` startup parameter; set the timeout on the server's role instead).
+    """
+    given = psycopg.conninfo.conninfo_to_dict(database_url)
+    kwargs: dict[str, Any] = {"connect_timeout": 5, "prepare_threshold": None}
+    kwargs.update({k: v for k, v in KEEPALIVES.items() if k not in given})
+    options = str(given.get("options") or "")
+    if statement_timeout_ms > 0 and "statement_timeout" not in options:
+        kwargs["options"] = f"{options} -c statement_timeout={int(statement_timeout_ms)}".strip()
+    return kwargs
+
+
+def connect(
+    database_url: str, *, autocommit: bool = False, statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS
+) -> Connection:
     """One connection with dict rows; ``DatabaseUnavailable`` when the server cannot be reached."""
     try:
-        return psycopg.connect(database_url, autocommit=autocommit, row_factory=dict_row, connect_timeout=5)
+        return psycopg.connect(
+            database_url,
+            autocommit=autocommit,
+            row_factory=dict_row,
+            **connection_kwargs(database_url, statement_timeout_ms=statement_timeout_ms),
+        )
     except psycopg.OperationalError as e:
         raise DatabaseUnavailable(f"database unreachable: {_first_line(e)}") from e
 
 
-def make_pool(database_url: str, *, max_size: int) -> ConnectionPool[Connection]:
+def make_pool(
+    database_url: str, *, max_size: int, statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS
+) -> ConnectionPool[Connection]:
     """A pool for a worker process: autocommit connections, opened lazily.
 
     Connections are not pinged on checkout (a round trip per use); one broken by
     a server restart fails its statement with ``DatabaseUnavailable``, which the
-    retry policy treats as an outage, and the pool replaces it.
+    retry policy treats as an outage, and the pool replaces it. So is a read-only
+    one (a standby behind the URL, ``default_transaction_read_only``): it is dropped
+    when it comes back to the pool, so the next one may find the new primary.
     """
+    kwargs = connection_kwargs(database_url, statement_timeout_ms=statement_timeout_ms)
     return ConnectionPool(
         database_url,
         min_size=0,
         max_size=max(1, max_size),
-        kwargs={"row_factory": dict_row, "connect_timeout": 5, "autocommit": True},
+        kwargs={"row_factory": dict_row, "autocommit": True, **kwargs},
+        reset=_drop_if_read_only,
         open=True,
         name="postbote",
     )
+
+
+def _drop_if_read_only(conn: Connection) -> None:
+    # The server reports both (PostgreSQL 14 and later), so this costs no round trip.
+    info = conn.info
+    if info.parameter_status("in_hot_standby") == "on" or (
+        info.parameter_status("default_transaction_read_only") == "on"
+    ):
+        raise psycopg.OperationalError("the server is read-only (a standby?): connection dropped")
+
+
+def storable(text: str) -> str:
+    """``text`` as PostgreSQL ``text`` and ``jsonb`` take it: NUL and unpaired surrogates
+    (legal in JSON, refused by PostgreSQL) replaced by U+FFFD, visibly."""
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 def ensure_database(database_url: str) -> bool:
@@ -75,13 +159,40 @@ def drop_database(database_url: str) -> None:
 
 @contextmanager
 def translated_errors() -> Iterator[None]:
-    """Turn driver errors about the server's reachability into ``DatabaseUnavailable``."""
+    """Turn every driver error that is not the job's fault into ``DatabaseUnavailable``.
+
+    The rule: an error is an outage (no attempt used, the message retried later) unless
+    retrying the same job cannot help. Left as they are:
+
+    - the values written were refused: ``DataError`` (SQLSTATE class 22: NUL or an
+      unpaired surrogate, a number out of range), ``IntegrityError`` (class 23) and
+      ``program_limit_exceeded`` (class 54: a value too big for a column or an index);
+      the caller knows the data (``store_dead_job`` keeps such a message as raw bytes);
+    - our own SQL is wrong: a ``ProgrammingError`` raised before sending, or a class-42
+      error such as a syntax error or an ambiguous column. A bug, not an outage.
+
+    Everything else is an outage: connection loss, server shutdown (``AdminShutdown``),
+    a statement cancelled by ``statement_timeout``, lock timeouts, serialization failures
+    and deadlocks, a read-only standby behind the URL (``ReadOnlySqlTransaction``),
+    prepared statements or cursors lost behind PgBouncer, a revoked privilege, a database
+    not migrated yet (undefined table, column or function), a full disk, pool exhaustion.
+    """
     try:
         yield
-    except (psycopg.OperationalError, psycopg.InterfaceError) as e:
-        raise DatabaseUnavailable(f"database unavailable: {_first_line(e)}") from e
-    except PoolTimeout as e:
-        raise DatabaseUnavailable(f"database unavailable: {_first_line(e)}") from e
+    except psycopg.Error as e:
+        if not is_outage(e):
+            raise
+        raise DatabaseUnavailable(f"database unavailable: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def is_outage(error: psycopg.Error) -> bool:
+    """Whether ``error`` is an outage by the rule of :func:`translated_errors`."""
+    state = error.sqlstate or ""
+    if isinstance(error, psycopg.DataError | psycopg.IntegrityError) or state.startswith("54"):
+        return False
+    if isinstance(error, psycopg.ProgrammingError):
+        return state in _NOT_OUR_STATEMENT
+    return True
 
 
 @dataclass(frozen=True)
@@ -125,6 +236,8 @@ def upgrade(conn: Connection, directory: Path = MIGRATIONS_DIR) -> list[str]:
                         "add a new migration instead"
                     )
                 continue
+            # A migration may take longer than any statement of the job path.
+            conn.execute("SET LOCAL statement_timeout = 0")
             conn.execute(migration.sql.encode())
             conn.execute(
                 "INSERT INTO schema_migrations (version, checksum) VALUES (%s, %s)",
@@ -139,12 +252,16 @@ def _first_line(error: BaseException) -> str:
 
 
 __all__ = [
+    "KEEPALIVES",
     "Connection",
     "connect",
+    "connection_kwargs",
     "drop_database",
     "ensure_database",
+    "is_outage",
     "make_pool",
     "migrations",
+    "storable",
     "translated_errors",
     "upgrade",
 ]

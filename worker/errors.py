@@ -110,6 +110,13 @@ class Throttled(PostboteError):
         self.retry_in_ms = retry_in_ms
 
 
+class InternalError(PermanentError):
+    """Something no stage foresaw (a bug, or an input nothing checked): the job is recorded and
+    dead-lettered with the exception, for a replay once the cause is fixed."""
+
+    reason = Reason.INTERNAL_ERROR
+
+
 class InvalidJob(PermanentError):
     reason = Reason.INVALID_JOB
 
@@ -132,6 +139,12 @@ class UnknownTenant(PermanentError):
 
 class UnknownUser(PermanentError):
     reason = Reason.UNKNOWN_USER
+
+
+class PublisherNotPermitted(PermanentError):
+    """The message's publisher (its RabbitMQ ``user_id``) is not among the tenant's ``publishers``."""
+
+    reason = Reason.PUBLISHER_NOT_PERMITTED
 
 
 class SenderNotPermitted(PermanentError):
@@ -205,6 +218,7 @@ __all__ = [
     "DeliveryDeferred",
     "DeliveryFailed",
     "DkimFailed",
+    "InternalError",
     "InvalidJob",
     "JobIdConflict",
     "OAuthTokenInvalid",
@@ -212,6 +226,7 @@ __all__ = [
     "OutcomeUnrecorded",
     "PermanentError",
     "PostboteError",
+    "PublisherNotPermitted",
     "RecipientsRefused",
     "SenderNotPermitted",
     "SmtpAuthFailed",

@@ -19,13 +19,32 @@ pika (the RabbitMQ client)
 
 dramatiq
   ``RabbitmqConsumerBase``: ``dramatiq.brokers.rabbitmq._RabbitmqConsumer``, subclassed
-  by ``broker._BatchedAcks``, which overrides ``__init__``, ``ack`` and ``nack``, uses the
-  ``connection``, ``channel``, ``known_tags`` and ``logger`` its ``__init__`` sets, and is
-  installed by overriding the undocumented ``RabbitmqBroker.consumer_class`` property.
-  Guarded by ``T::test_dramatiqs_rabbitmq_consumer_still_has_what_the_worker_overrides_and_uses``
-  and ``tests/test_broker_acks.py``.
+  by ``broker._GuardedConsumer`` and its subclass ``broker._BatchedAcks``, which override
+  ``__init__``, ``__next__``, ``ack`` and ``nack``, use the ``broker``, ``queue_name``,
+  ``connection``, ``channel``, ``iterator`` (``BlockingChannel.consume``), ``known_tags``
+  and ``logger`` its ``__init__`` sets, and are installed by overriding the undocumented
+  ``RabbitmqBroker.consumer_class`` property. ``__next__`` replaces dramatiq's own
+  (``next(self.iterator)``, connection errors as ``ConnectionClosed``, a vanished queue
+  added to ``broker.queues_pending``, the tag added to ``known_tags``).
+  Guarded by ``T::test_dramatiqs_rabbitmq_consumer_still_has_what_the_worker_overrides_and_uses``,
+  ``T::test_dramatiqs_rabbitmq_consumer_still_reads_deliveries_as_the_worker_does``
+  and ``tests/test_broker_acks.py``, ``tests/test_hostile_messages.py``.
   ``delivery_tag``: ``_RabbitmqMessage._tag``. Used by ``broker._BatchedAcks``. Guarded by
   ``T::test_dramatiqs_rabbitmq_messages_still_carry_their_delivery_tag``.
+  ``rabbitmq_message``: builds a ``_RabbitmqMessage(redelivered, tag, message)``, what
+  ``broker._GuardedConsumer.__next__`` returns. Guarded by
+  ``T::test_dramatiqs_rabbitmq_messages_still_carry_their_delivery_tag``.
+  ``set_delay_prefetch``: the undocumented ``Worker.delay_prefetch`` (set from the
+  ``dramatiq_delay_queue_prefetch`` environment variable, else 1000 per thread), the
+  prefetch ``Worker._add_consumer`` gives its ``.DQ`` consumers. Used by
+  ``worker/runtime/process.py``. Guarded by
+  ``T::test_dramatiqs_worker_still_prefetches_its_delay_queues_by_delay_prefetch``.
+  Relied on without a name here: ``RabbitmqBroker.enqueue`` calls ``before_enqueue`` with the
+  message it publishes, after setting a delayed one's ``eta`` option and ``.DQ`` queue, and
+  the consumer thread holds a message with an ``eta`` until it is due, then enqueues it on
+  the canonical queue (``worker/runtime/seal.py``, ``broker._GuardedConsumer``). Guarded by
+  ``tests/test_seal.py::test_a_delayed_message_is_sealed_with_its_eta_and_delay_queue`` and
+  ``tests/test_hostile_messages.py``.
 
 dkimpy (none of these is in ``dkim.__all__``), used by ``worker/job/signature.py``, which
 mirrors dkimpy's ``DKIM.sign`` step by step; ``tests/test_dkim_signing.py`` compares the
@@ -81,13 +100,14 @@ import hashlib
 import smtplib
 import socket
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import dkim
 import pika.channel
 from dkim.canonicalization import CanonicalizationPolicy
+from dramatiq import Message, Worker
 from dramatiq.broker import MessageProxy
-from dramatiq.brokers.rabbitmq import _RabbitmqConsumer
+from dramatiq.brokers.rabbitmq import _RabbitmqConsumer, _RabbitmqMessage
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
@@ -122,6 +142,16 @@ RabbitmqConsumerBase = _RabbitmqConsumer
 def delivery_tag(message: MessageProxy) -> int:
     """The AMQP delivery tag of a message a RabbitMQ consumer received."""
     return cast(int, message._tag)
+
+
+def rabbitmq_message(redelivered: bool, tag: int, message: Message[Any]) -> MessageProxy:
+    """What a RabbitMQ consumer returns for a delivery: ``message`` with its delivery tag."""
+    return _RabbitmqMessage(redelivered, tag, message)  # type: ignore[no-untyped-call]
+
+
+def set_delay_prefetch(worker: Worker, count: int) -> None:
+    """Have ``worker``'s delay-queue consumers prefetch ``count`` messages; call before ``start()``."""
+    worker.delay_prefetch = count
 
 
 # dkimpy
@@ -201,6 +231,8 @@ __all__ = [
     "fold_dkim_header",
     "hash_dkim_headers",
     "pika_read_size",
+    "rabbitmq_message",
+    "set_delay_prefetch",
     "set_pika_read_size",
     "set_smtp_timeout",
     "smtp_socket",

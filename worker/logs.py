@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from typing import Any
 
@@ -13,6 +14,29 @@ from dramatiq.message import Message
 from worker.vocabulary import LogOutcome
 
 OUTCOME_LOGGER = logging.getLogger("postbote.outcome")
+
+_UNPRINTABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(value: object) -> str:
+    """``str(value)`` safe for a terminal and a line-based log: control characters (C0 with
+    ESC, CR, LF and tab; DEL; C1), line and paragraph separators, bidirectional controls and
+    unpaired surrogates are written as escapes (``\\x1b``, ``\\n``, ``\\u202e``).
+
+    For strings a publisher chose (tenant, document number, detail, ids) in human output:
+    an escape sequence must not drive the operator's terminal, a line break must not forge
+    a log line."""
+    return _UNPRINTABLE.sub(_escape, str(value))
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
 
 
 class _JsonFormatter(logging.Formatter):
@@ -30,12 +54,35 @@ class _JsonFormatter(logging.Formatter):
 
 
 class _TextFormatter(logging.Formatter):
+    """One line per record: the message and the fields escaped (:func:`printable`), a field
+    value quoted where it has a space, quote or ``=``; a traceback follows indented, so no
+    line of it starts like a record."""
+
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        safe = logging.makeLogRecord(record.__dict__)
+        safe.msg, safe.args = printable(record.getMessage()), None
+        safe.exc_info, safe.exc_text, safe.stack_info = None, None, None
+        line = super().format(safe)
         fields = getattr(record, "fields", None)
         if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            line += " " + " ".join(f"{k}={_field_value(v)}" for k, v in fields.items() if v is not None)
+        trace = []
+        if record.exc_info:
+            trace.append(self.formatException(record.exc_info))
+        elif record.exc_text:
+            trace.append(record.exc_text)
+        if record.stack_info:
+            trace.append(self.formatStack(record.stack_info))
+        for text in trace:
+            line += "".join(f"\n  {printable(part)}" for part in text.splitlines())
         return line
+
+
+def _field_value(value: object) -> str:
+    text = printable(value)
+    if text and not any(c in text for c in ' "='):
+        return text
+    return '"' + text.replace('"', '\\"') + '"'
 
 
 class _HideMessageContents(logging.Filter):
@@ -83,4 +130,4 @@ def log_outcome(outcome: LogOutcome, **fields: Any) -> None:
     OUTCOME_LOGGER.log(level, "job %s", outcome, extra={"fields": record})
 
 
-__all__ = ["OUTCOME_FIELDS", "configure_logging", "log_outcome"]
+__all__ = ["OUTCOME_FIELDS", "configure_logging", "log_outcome", "printable"]

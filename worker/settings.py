@@ -11,6 +11,8 @@ from schemas.constants import DEFAULT_MAX_JOB_BYTES
 
 MAX_BACKOFF_LIMIT_MS = 15 * 60 * 1000
 """Half of RabbitMQ's default ``consumer_timeout`` (30 minutes)."""
+DEFAULT_STATEMENT_TIMEOUT_MS = 30_000
+"""The default of ``Settings.statement_timeout_ms``."""
 
 
 class Settings(BaseSettings):
@@ -20,6 +22,9 @@ class Settings(BaseSettings):
 
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postbote"
+    metrics_host: str = "0.0.0.0"
+    """The address ``/metrics``, ``/healthz`` and ``/readyz`` listen on (``0.0.0.0``: every IPv4
+    interface, which containers need; ``127.0.0.1`` keeps them on the host)."""
     metrics_port: int = 9191
     queue_prefix: str = Field("postbote", pattern=r"^[A-Za-z0-9_.-]*$")
     log_format: Literal["text", "json"] = "text"
@@ -27,10 +32,17 @@ class Settings(BaseSettings):
     max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
     settings_cache_ms: int = Field(5000, ge=0)
     smtp_timeout_ms: int = Field(30000, gt=0)
+    statement_timeout_ms: int = Field(DEFAULT_STATEMENT_TIMEOUT_MS, ge=0)
+    """PostgreSQL's ``statement_timeout`` on postbote's connections, so a server that hangs
+    cannot hold worker threads; a cancelled statement counts as an outage. 0: none sent."""
     shutdown_grace_ms: int = Field(60000, gt=0)
     series_lease_ms: int = Field(90000, gt=0)
     series_max_wait_ms: int = Field(10000, ge=0)
     queue_stats_interval_ms: int = Field(15000, gt=0)
+    delay_prefetch: int = Field(100, ge=1)
+    """Delayed messages (retries, deferrals) each lane's ``.DQ`` consumer holds until they are
+    due; the rest wait in RabbitMQ. It bounds that consumer's memory to this many times
+    ``max_message_bytes`` (dramatiq's default, 1000 per thread, does not)."""
 
     max_attempts: int = Field(8, ge=1)
     """Deliveries of a job that may fail before it is dead-lettered (outages of our own
@@ -45,6 +57,19 @@ class Settings(BaseSettings):
     crash_loop_after: int = Field(3, ge=1)
     """A job whose deliveries ended with the worker dying this many times is dead-lettered
     with reason ``crash_loop``."""
+    restart_backoff_max_ms: int = Field(30000, gt=0)
+    """The longest wait before the supervisor restarts a worker process or one of its threads
+    that died (the wait starts at 500 ms and doubles with every death in a row)."""
+    restart_reset_ms: int = Field(60000, gt=0)
+    """A worker process or thread that ran this long counts as healthy again: its deaths in a
+    row are forgotten (the next restart waits 500 ms, ``/healthz`` stops reporting a crash loop)."""
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message body a worker reads: a job of ``max_job_bytes`` (attachments
+        counted decoded) in base64, plus 64 KiB for the envelope. A larger body is rejected
+        unread, into the lane's ``.XQ`` queue."""
+        return self.max_job_bytes * 4 // 3 + 64 * 1024
 
     @model_validator(mode="after")
     def _backoff_order(self) -> Settings:
@@ -53,4 +78,4 @@ class Settings(BaseSettings):
         return self
 
 
-__all__ = ["MAX_BACKOFF_LIMIT_MS", "Settings"]
+__all__ = ["DEFAULT_STATEMENT_TIMEOUT_MS", "MAX_BACKOFF_LIMIT_MS", "Settings"]

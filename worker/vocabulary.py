@@ -67,6 +67,7 @@ class Reason(StrEnum):
     INVALID_JOB = "invalid_job"
     NOT_A_JOB = "not_a_job"
     MALFORMED_JSON = "malformed_json"
+    TOO_LARGE = "too_large"
     NOT_A_DRAMATIQ_MESSAGE = "not_a_dramatiq_message"
     UNKNOWN_ACTOR = "unknown_actor"
     REJECTED_BY_WORKER = "rejected_by_worker"
@@ -74,6 +75,7 @@ class Reason(StrEnum):
     UNKNOWN_TENANT = "unknown_tenant"
     UNKNOWN_USER = "unknown_user"
     SENDER_NOT_PERMITTED = "sender_not_permitted"
+    PUBLISHER_NOT_PERMITTED = "publisher_not_permitted"
     CONFIGURATION = "configuration"
     DKIM_FAILED = "dkim_failed"
     # SMTP
@@ -98,6 +100,9 @@ class Reason(StrEnum):
     MAX_AGE_EXCEEDED = "max_age_exceeded"
     THROTTLED = "throttled"
     REPLAYED = "replayed"
+    UNSTORABLE = "unstorable"
+    """Named in a dead-letter entry's detail (the entry keeps the reason the job died for):
+    PostgreSQL refused the message as JSON, so it is kept as raw bytes."""
 
 
 class LogOutcome(StrEnum):

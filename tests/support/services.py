@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import yaml
 
 import producer.queues
 from producer import publish
 from schemas.constants import lane_queues
 from schemas.job import Job
+from worker.db import connect
 from worker.settings import Settings
-from worker.testbed.sink import free_port
+from worker.testbed.sink import Sink, free_port
+from worker.tools.tenant_file import apply_tenants, read_tenant_file
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER_URL = os.environ.get("POSTBOTE_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -76,13 +79,23 @@ class RunningWorker:
         processes: int = 1,
         threads: int = 4,
         options: tuple[str, ...] = (),
+        address_space_bytes: int | None = None,
         **overrides: Any,
     ) -> None:
+        """``address_space_bytes`` limits the virtual memory of the supervisor and of each worker
+        process (``RLIMIT_AS``, inherited), with glibc keeping two malloc arenas so that what
+        counts is what the process uses rather than what its threads reserve."""
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"postbote-worker-{uuid.uuid4().hex[:8]}.log"
         self.metrics_port = int(overrides.pop("metrics_port", free_port()))
+        env = settings_env(settings, metrics_port=self.metrics_port, **overrides)
+        limit: list[str] = []
+        if address_space_bytes is not None:
+            env["MALLOC_ARENA_MAX"] = "2"
+            limit = ["prlimit", f"--as={address_space_bytes}:{address_space_bytes}"]  # execs the command
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
                 [
+                    *limit,
                     sys.executable,
                     "-m",
                     "worker",
@@ -93,7 +106,7 @@ class RunningWorker:
                     str(threads),
                     *options,
                 ],
-                env=settings_env(settings, metrics_port=self.metrics_port, **overrides),
+                env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
@@ -109,6 +122,24 @@ class RunningWorker:
         return self.log_path.read_text()
 
 
+def add_tenant(database_url: str, sink: Sink, workdir: Path, **fields: Any) -> str:
+    """Load a tenant sending to ``sink`` (plaintext, unthrottled, employee ``u1``) with ``fields``
+    on top, through a tenant file in ``workdir``; returns its id (a fresh one unless ``id`` is given)."""
+    tenant_id = fields.pop("id", None) or f"t{uuid.uuid4().hex[:12]}"
+    tenant = {
+        "id": tenant_id,
+        "smtp": {"host": sink.host, "port": sink.port, "security": "none", "helo": "test.postbote"},
+        "series": {"batch_size": 1000, "pause_ms": 0},
+        "employees": [{"id": "u1", "email": "anna@acme.example", "name": "Anna Berg"}],
+        **fields,
+    }
+    path = workdir / f"{tenant_id}.yaml"
+    path.write_text(yaml.safe_dump({"tenants": [tenant]}))
+    with connect(database_url) as conn:
+        apply_tenants(conn, read_tenant_file(path))
+    return tenant_id
+
+
 def send_jobs(settings: Settings, jobs: list[dict[str, Any]]) -> list[str]:
     """Validate and publish ``jobs`` as the producer does; returns their ids."""
     models = [Job.model_validate(j) for j in jobs]
@@ -121,6 +152,7 @@ __all__ = [
     "ADMIN_URL",
     "BROKER_URL",
     "ROOT",
+    "add_tenant",
     "RunningWorker",
     "database_url",
     "delete_queues",

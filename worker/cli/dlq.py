@@ -9,10 +9,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.cli.output import fail, print_json
-from worker.db import connect
+from worker.db import Connection, connect
 from worker.errors import DatabaseUnavailable
+from worker.logs import printable
 from worker.settings import Settings
-from worker.tools.dlq import Filters, describe, get_dead, list_dead, parse_duration, purge, replay
+from worker.tools.dlq import (
+    Filters,
+    count_dead,
+    describe,
+    get_dead,
+    list_dead,
+    parse_duration,
+    purge,
+    replay,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -64,7 +74,7 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as e:
         return fail(str(e), code=2)
     try:
-        with connect(settings.database_url) as conn:
+        with _connect(settings) as conn:
             entries = list_dead(conn, filters, limit=args.limit)
     except DatabaseUnavailable as e:
         return fail(str(e))
@@ -75,8 +85,13 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
         print("the dead-letter queue is empty" if filters == Filters() else "no dead job matches")
         return 0
     now = datetime.now(UTC)
+    # Ids, tenants and document numbers come from publishers: escaped, they cannot drive the terminal.
     rows: list[tuple[str, ...]] = [
-        (e.id, e.tenant or "-", e.document, e.reason, str(e.attempts), _age(now, e.dead_at)) for e in entries
+        tuple(
+            printable(cell)
+            for cell in (e.id, e.tenant or "-", e.document, e.reason, str(e.attempts), _age(now, e.dead_at))
+        )
+        for e in entries
     ]
     _table(("ID", "TENANT", "DOCUMENT", "REASON", "ATTEMPTS", "DEAD FOR"), rows)
     print(f"\n{len(entries)} dead job(s); 'postbote dlq show ID' for details")
@@ -85,7 +100,7 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_show(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        with connect(settings.database_url) as conn:
+        with _connect(settings) as conn:
             entry = get_dead(conn, args.id)
     except DatabaseUnavailable as e:
         return fail(str(e))
@@ -104,15 +119,14 @@ def run_replay(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as e:
         return fail(str(e), code=2)
     try:
-        with connect(settings.database_url, autocommit=True) as conn:
+        with _connect(settings, autocommit=True) as conn:
             ids = args.ids or [e.id for e in list_dead(conn, filters)]
             results = replay(conn, ids, broker_url=settings.broker_url, dry_run=args.dry_run)
     except DatabaseUnavailable as e:
         return fail(str(e))
     for result in results:
-        print(
-            f"{result.id}: {result.outcome.replace('_', ' ')}{' - ' + result.detail if result.detail else ''}"
-        )
+        detail = f" - {result.detail}" if result.detail else ""
+        print(printable(f"{result.id}: {result.outcome.replace('_', ' ')}{detail}"))
     if not results:
         print("nothing to replay")
     bad = [r for r in results if r.outcome in ("not_found", "not_replayable", "failed")]
@@ -125,8 +139,8 @@ def run_purge(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as e:
         return fail(str(e), code=2)
     try:
-        with connect(settings.database_url, autocommit=True) as conn:
-            count = len(list_dead(conn, filters))
+        with _connect(settings, autocommit=True) as conn:
+            count = count_dead(conn, filters)
             if count == 0:
                 print("nothing to purge")
                 return 0
@@ -137,6 +151,12 @@ def run_purge(args: argparse.Namespace, settings: Settings) -> int:
         return fail(str(e))
     print(f"purged {purged} dead job(s)")
     return 0
+
+
+def _connect(settings: Settings, *, autocommit: bool = False) -> Connection:
+    return connect(
+        settings.database_url, autocommit=autocommit, statement_timeout_ms=settings.statement_timeout_ms
+    )
 
 
 def _confirmed(count: int) -> bool:

@@ -51,6 +51,8 @@ class Account:
     cc_clerk: bool
     dkim: Dkim | None
     employees: dict[str, Employee] = field(default_factory=dict)
+    publishers: frozenset[str] | None = None
+    """The RabbitMQ users that may publish for the tenant; ``None``: any."""
 
     def sender_for(self, doc_type: DocumentType) -> str | None:
         """The configured sender address for a document type (dunning uses the invoice sender)."""
@@ -99,6 +101,7 @@ def load_account(conn: Connection, tenant_id: str) -> Account:
         senders=senders,
         use_user_mail_data=bool(row["use_user_mail_data"]),
         cc_clerk=bool(row["cc_clerk"]),
+        publishers=frozenset(row["publishers"]) if row["publishers"] is not None else None,
         dkim=Dkim.model_validate(row["dkim"]) if row["dkim"] else None,
         employees=employees,
     )
@@ -116,6 +119,7 @@ class AccountCache:
         self._lock = threading.Lock()  # a TTLCache is not thread-safe; even a read reorders it
         # No size bound, as many tenants as the worker serves: each insert drops the expired ones.
         self._accounts: TTLCache[str, Account] = TTLCache(maxsize=math.inf, ttl=ttl_ms / 1000)
+        self._known: set[str] = set()
 
     def get(self, tenant_id: str) -> Account:
         """The tenant's account, read again once ``ttl_ms`` have passed since it was last read.
@@ -133,7 +137,13 @@ class AccountCache:
             account = load_account(conn, tenant_id)
         with self._lock:
             self._accounts[tenant_id] = account
+            self._known.add(tenant_id)
         return account
+
+    def known(self, tenant_id: str) -> bool:
+        """Whether this process has loaded the tenant: a job's ``tenant`` is a metric label only
+        then, so publishers cannot create series at will."""
+        return tenant_id in self._known
 
 
 def _opt(value: object) -> str | None:

@@ -18,22 +18,29 @@ from dataclasses import replace
 from typing import Any
 
 import dramatiq
+import pika.exceptions
+import psycopg
 from cachetools import TTLCache
 from dramatiq.middleware import CurrentMessage
+from psycopg_pool import PoolTimeout
 
 from schemas.constants import RECEIPTS_QUEUE, actor_of, queue_name
 from schemas.job import DocumentType, Job
 from worker.db import make_pool
 from worker.errors import (
+    BrokerUnavailable,
     ClaimedElsewhere,
     CrashLoop,
     DatabaseUnavailable,
     DeliveryDeferred,
     DeliveryFailed,
+    InternalError,
     InvalidJob,
     JobIdConflict,
     OutcomeUnrecorded,
     PermanentError,
+    PostboteError,
+    PublisherNotPermitted,
     SenderNotPermitted,
     Throttled,
     TransientError,
@@ -63,7 +70,7 @@ from worker.job.signature import DkimSigner, load_signer, sign_message
 from worker.job.smtp import Delivery, SmtpPool
 from worker.logs import log_outcome
 from worker.runtime import metrics
-from worker.runtime.middleware.retries import QUIET_FAILURES, UNRECORDED_OUTCOME, retry_delay_ms
+from worker.runtime.middleware.retries import PUBLISHER, QUIET_FAILURES, UNRECORDED_OUTCOME, retry_delay_ms
 from worker.settings import Settings
 from worker.vocabulary import LogOutcome, Reason, RecipientState, Status
 
@@ -79,7 +86,9 @@ class Pipeline:
     def __init__(self, settings: Settings, *, holder: str | None = None) -> None:
         self.settings = settings
         self.holder = holder or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
-        self.db = make_pool(settings.database_url, max_size=16)
+        self.db = make_pool(
+            settings.database_url, max_size=16, statement_timeout_ms=settings.statement_timeout_ms
+        )
         self.accounts = AccountCache(self.db.connection, ttl_ms=settings.settings_cache_ms)
         self.smtp = SmtpPool(
             timeout_ms=settings.smtp_timeout_ms,
@@ -103,18 +112,35 @@ class Pipeline:
     def process(self, *args: Any, **kwargs: Any) -> None:
         """Handle one job message; permanent failures are recorded and dead-lettered, transient ones raised."""
         started = time.monotonic()
+        message = CurrentMessage.get_current_message()
+        message_id = message.message_id if message else str(uuid.uuid4())
         try:
-            job, data = read_job(args, kwargs, max_job_bytes=self.settings.max_job_bytes)
+            job, data = read_job(
+                args, kwargs, message_id=message_id, max_job_bytes=self.settings.max_job_bytes
+            )
         except InvalidJob as e:
             self._dead_letter_invalid(args[0] if len(args) == 1 else args, e)
             return
-        message = CurrentMessage.get_current_message()
         carried = message.options.get(UNRECORDED_OUTCOME) if message else None
         try:
-            if carried is not None:
-                self._conclude(job, AttemptRecord.from_json(carried), started)
-            else:
-                self._send(job, data, started)
+            try:
+                if carried is not None:
+                    self._conclude(job, AttemptRecord.from_json(carried), started)
+                else:
+                    self._send(
+                        job, data, started, publisher=message.options.get(PUBLISHER) if message else None
+                    )
+            except (PostboteError, dramatiq.errors.DramatiqError):
+                raise
+            except (psycopg.Error, PoolTimeout) as e:
+                raise DatabaseUnavailable(f"database unavailable: {e}") from e
+            except pika.exceptions.AMQPError as e:
+                raise BrokerUnavailable(f"broker unavailable: {e or type(e).__name__}") from e
+            except Exception as e:
+                # A bug or an input no stage foresaw: recorded and dead-lettered with what it was,
+                # never left claimed (a claim left behind looks like a dead worker's).
+                logger.exception("job %s failed unexpectedly", job.job_id)
+                raise InternalError(f"{type(e).__name__}: {e}") from e
         except Throttled as e:
             with self.db.connection() as conn:
                 release_claim(conn, job.job_id)
@@ -127,19 +153,25 @@ class Pipeline:
                 self._retry_later(job, e, started)
             raise
 
-    def _send(self, job: Job, data: dict[str, Any], started: float) -> None:
+    def _send(self, job: Job, data: dict[str, Any], started: float, *, publisher: str | None) -> None:
         claim_ms = self.settings.series_max_wait_ms + 4 * self.settings.smtp_timeout_ms
         claimed_at = time.monotonic()
         claim = self._claim(job, data, claim_ms)
         if claim is None:
             return
         account = self.accounts.get(job.tenant)
+        if account.publishers is not None and publisher not in account.publishers:
+            who = f"RabbitMQ user {publisher!r}" if publisher else "a message without a user_id property"
+            raise PublisherNotPermitted(f"{who} may not publish jobs for tenant {job.tenant!r}")
         message, fates = self._prepare(job, account, claim)
         attempt_started = time.time()
         delivery = self._transmit(job, account, message, claimed_at, claim_ms)
         self._conclude(
             job, self._attempt_record(job, claim, message, fates, delivery, attempt_started), started
         )
+
+    def _tenant_label(self, job: Job) -> str:
+        return job.tenant if self.accounts.known(job.tenant) else "unknown"
 
     def _claim(self, job: Job, data: dict[str, Any], claim_ms: int) -> ClaimResult | None:
         """Claim the job in the ledger; ``None`` when it already ended (acknowledged unsent)."""
@@ -153,7 +185,7 @@ class Pipeline:
                 crash_loop_after=self.settings.crash_loop_after,
             )
         if claim.claim is Claim.DONE:
-            metrics.DUPLICATES_PREVENTED.labels(job.tenant).inc()
+            metrics.DUPLICATES_PREVENTED.labels(self._tenant_label(job)).inc()
             log_outcome(
                 LogOutcome.DUPLICATE_PREVENTED,
                 job_id=job.job_id,
@@ -171,7 +203,7 @@ class Pipeline:
         if claim.claim is Claim.CRASH_LOOP:
             raise CrashLoop(f"{claim.takeovers} deliveries of job {job.job_id} ended with their worker dying")
         if claim.claim is Claim.TAKEN_OVER:
-            metrics.POSSIBLE_DUPLICATES.labels(job.tenant).inc()
+            metrics.POSSIBLE_DUPLICATES.labels(self._tenant_label(job)).inc()
         return claim
 
     def _prepare(self, job: Job, account: Account, claim: ClaimResult) -> tuple[Composed, tuple[Fate, ...]]:
@@ -377,12 +409,13 @@ class Pipeline:
                     keyed_by_message=conflict,
                 ),
             )
-        metrics.MAILS_FAILED.labels(job.tenant, job.document.type.value, error.reason).inc()
-        metrics.DEAD_LETTERED.labels(job.tenant, job.document.type.value, error.reason).inc()
+        tenant = self._tenant_label(job)
+        metrics.MAILS_FAILED.labels(tenant, job.document.type.value, error.reason).inc()
+        metrics.DEAD_LETTERED.labels(tenant, job.document.type.value, error.reason).inc()
         _log_failure(LogOutcome.FAILED, job, error, started)
 
     def _retry_later(self, job: Job, error: TransientError, started: float) -> None:
-        metrics.RETRIES.labels(job.tenant, job.document.type.value, error.reason).inc()
+        metrics.RETRIES.labels(self._tenant_label(job), job.document.type.value, error.reason).inc()
         message = CurrentMessage.get_current_message()
         try:
             if not isinstance(error, DeliveryDeferred):
@@ -407,10 +440,14 @@ class Pipeline:
         customer got ends partial (or sent), any other is dead-lettered."""
         data: Any = message.args[0] if len(message.args) == 1 else None
         smtp_reply = getattr(error, "smtp_reply", None)
+        job: Job | None
         try:
-            job: Job | None = read_job(
-                tuple(message.args), dict(message.kwargs), max_job_bytes=self.settings.max_job_bytes
-            )[0]
+            job, data = read_job(
+                tuple(message.args),
+                dict(message.kwargs),
+                message_id=message.message_id,
+                max_job_bytes=self.settings.max_job_bytes,
+            )
         except InvalidJob:
             job = None
         with self.db.connection() as conn:
@@ -437,7 +474,7 @@ class Pipeline:
                     message, reason=reason, detail=detail, attempts=attempts, job=job, smtp_reply=smtp_reply
                 ),
             )
-        labels = (job.tenant, job.document.type.value) if job else ("unknown", "unknown")
+        labels = (self._tenant_label(job), job.document.type.value) if job else ("unknown", "unknown")
         metrics.MAILS_FAILED.labels(*labels, reason).inc()
         metrics.DEAD_LETTERED.labels(*labels, reason).inc()
         log_outcome(

@@ -27,6 +27,8 @@ from worker.job.senders import Sender
 
 CRLF = b"\r\n"
 _FOLD_AT = 78
+_MAX_LINE = 998
+"""RFC 5322's hard limit on a line, without its CRLF."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,18 @@ def _filename(name: str) -> bytes:
     if name.isascii():
         quoted = name.replace("\\", "\\\\").replace('"', '\\"')
         return f'filename="{quoted}"'.encode()
-    return f"filename*={encode_rfc2231(name, 'utf-8')}".encode()
+    encoded = encode_rfc2231(name, "utf-8")
+    if len(encoded) <= _FOLD_AT - 12:
+        return f"filename*={encoded}".encode()
+    # RFC 2231 continuations: a long non-ASCII name would otherwise make a line a relay may split.
+    chunks, rest = [], encoded
+    while rest:
+        cut = min(len(rest), _FOLD_AT - 16)
+        if "%" in rest[max(0, cut - 2) : cut]:
+            cut = rest.rindex("%", 0, cut)
+        chunks.append(rest[:cut])
+        rest = rest[cut:]
+    return ";\r\n ".join(f"filename*{n}*={chunk}" for n, chunk in enumerate(chunks)).encode()
 
 
 def _from(name: str | None, address: str) -> bytes:
@@ -165,6 +178,9 @@ def _text_header(name: str, value: str) -> bytes:
         return f"{name}: {value}".encode()
     charset = "us-ascii" if value.isascii() else "utf-8"
     encoded = Header(value, charset, header_name=name, maxlinelen=_FOLD_AT).encode(linesep="\r\n")
+    if any(len(line) > _MAX_LINE - len(name) - 2 for line in encoded.split("\r\n")):
+        # A word too long to fold: encoded words can be split anywhere (RFC 2047).
+        encoded = Header(value, "utf-8", header_name=name, maxlinelen=_FOLD_AT).encode(linesep="\r\n")
     return f"{name}: {encoded}".encode("ascii")
 
 

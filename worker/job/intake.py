@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid5
 
 from pydantic import ValidationError
 
@@ -15,9 +15,12 @@ from worker.vocabulary import Reason
 
 
 def read_job(
-    args: tuple[Any, ...], kwargs: dict[str, Any], *, max_job_bytes: int
+    args: tuple[Any, ...], kwargs: dict[str, Any], *, message_id: str, max_job_bytes: int
 ) -> tuple[Job, dict[str, Any]]:
     """The job a message carries, and its data as published.
+
+    A job without ``job_id`` takes one from the broker message id, which stays the same
+    across redeliveries, so the ledger still sends it once (see :func:`job_id_for`).
 
     Raises:
       InvalidJob: (reason ``not_a_job``) the message does not carry exactly one argument,
@@ -27,6 +30,8 @@ def read_job(
         problem = f"expected one job argument, got {len(args)} and {len(kwargs)} keyword arguments"
         raise InvalidJob(f"not a postbote job message: {problem}", reason=Reason.NOT_A_JOB)
     data = args[0]
+    if isinstance(data, dict) and "job_id" not in data:
+        data = {**data, "job_id": str(job_id_for(message_id))}
     try:
         return Job.model_validate(data, context={"max_job_bytes": max_job_bytes}), data
     except ValidationError as e:
@@ -53,6 +58,19 @@ def payload_digest(data: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def job_id_for(message_id: str) -> UUID:
+    """The job id of a message whose job has none: the message id itself when it is a UUID,
+    otherwise a UUID derived from it (name-based, so every delivery gets the same)."""
+    try:
+        return UUID(message_id)
+    except ValueError:
+        return uuid5(_MESSAGE_IDS, message_id)
+
+
+_MESSAGE_IDS = UUID("6c1c8a5e-3f0b-4c7e-9a51-2d0f6b1e7a90")
+"""Namespace of job ids derived from broker message ids."""
+
+
 def job_id_of(data: Any) -> UUID | None:
     """The job id of data that is no valid job, where it has a readable one."""
     try:
@@ -74,4 +92,4 @@ def _validation_summary(error: ValidationError) -> str:
     return "invalid job: " + "; ".join(parts)
 
 
-__all__ = ["job_id_of", "payload_digest", "read_job", "tenant_of"]
+__all__ = ["job_id_for", "job_id_of", "payload_digest", "read_job", "tenant_of"]

@@ -22,7 +22,7 @@ from typing import Any
 from uuid import UUID
 
 from schemas.job import Job
-from worker.db import Connection, translated_errors
+from worker.db import Connection, storable, translated_errors
 from worker.job.outcome import AttemptRecord, Fate, Verdict, out_of_attempts
 from worker.job.recipients import Recipient
 from worker.job.smtp import SmtpReply
@@ -182,10 +182,13 @@ def record_attempt(conn: Connection, record: AttemptRecord) -> Status:
     """Record one SMTP attempt in one statement: the job's status, each recipient's state and
     reply, and the attempt's row in the history. Returns the job's status."""
     verdict = record.verdict
-    fates = [{**f.to_json(), "position": n} for n, f in enumerate(verdict.fates)]
+    fates = [
+        {**f.to_json(), "text": _storable(f.reply.text if f.reply else None), "position": n}
+        for n, f in enumerate(verdict.fates)
+    ]
     by_address = {f.address: f for f in verdict.fates}
     tried = [
-        {"address": a, "role": by_address[a].role.value, "reply": _reply_text(by_address[a].reply)}
+        {"address": a, "role": by_address[a].role.value, "reply": _storable(_reply_text(by_address[a].reply))}
         for a in record.tried
         if a in by_address
     ]
@@ -197,8 +200,8 @@ def record_attempt(conn: Connection, record: AttemptRecord) -> Status:
                 "status": verdict.status,
                 "delivered": list(DELIVERED),
                 "reason": verdict.reason,
-                "detail": verdict.detail,
-                "smtp_reply": verdict.smtp_reply,
+                "detail": _storable(verdict.detail),
+                "smtp_reply": _storable(verdict.smtp_reply),
                 "sender": record.sender,
                 "message_id": record.message_id,
                 "message": record.message,
@@ -208,7 +211,7 @@ def record_attempt(conn: Connection, record: AttemptRecord) -> Status:
                 "started_at": record.started_at,
                 "duration_ms": record.duration_ms,
                 "worker": record.worker,
-                "reply": record.reply,
+                "reply": _storable(record.reply),
                 "tried": json.dumps(tried),
             },
         )
@@ -230,6 +233,7 @@ def record_failure(
 ) -> None:
     """Mark the job ``failed`` (final) or ``retrying`` with the reason and the server's reply;
     ``recipients`` the mail would have had are recorded ``pending`` where the ledger has none."""
+    detail, smtp_reply = storable(detail), _storable(smtp_reply)
     with translated_errors(), conn.transaction():
         conn.execute(
             "UPDATE deliveries SET status = %s, reason = %s, detail = %s,"
@@ -288,6 +292,7 @@ def record_given_up(
     ends ``partial`` (or ``sent``, when only an internal copy was waiting), any other
     ``failed`` with ``reason``. ``None`` when the job had already ended sent or partial.
     """
+    detail, smtp_reply = storable(detail), _storable(smtp_reply)
     with translated_errors(), conn.transaction():
         inserted = conn.execute(
             """
@@ -348,7 +353,7 @@ def record_given_up(
                     fate.state,
                     fate.reply.code if fate.reply else None,
                     fate.reply.enhanced if fate.reply else None,
-                    fate.reply.text if fate.reply else None,
+                    _storable(fate.reply.text) if fate.reply else None,
                     job.job_id,
                     fate.address,
                 ),
@@ -469,6 +474,12 @@ def _fate(row: dict[str, Any]) -> Fate:
     return Fate.from_json(
         {**row, "code": row["reply_code"], "enhanced": row["reply_enhanced"], "text": row["reply_text"]}
     )
+
+
+def _storable(text: str | None) -> str | None:
+    """Text from outside (an SMTP reply, an error) as PostgreSQL stores it: a NUL in a server's
+    reply must not keep an outcome from being recorded."""
+    return storable(text) if text is not None else None
 
 
 def _reply_text(reply: SmtpReply | None) -> str | None:

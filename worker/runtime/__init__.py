@@ -1,2 +1,4 @@
-"""What runs the job path: the RabbitMQ broker, worker processes and their supervisor, dramatiq
-middleware (retries, metrics), the metric definitions, health probes, queue gauges and the sweeper."""
+"""What runs the job path: the RabbitMQ broker (its consumer trusts nothing on the wire),
+worker processes and their supervisor, the watchdog that restarts dead threads, the seal on
+options workers put on requeued messages, dramatiq middleware (retries, metrics), the metric
+definitions, health probes, queue gauges and the sweeper."""

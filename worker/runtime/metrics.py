@@ -4,7 +4,9 @@ The supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` to a fresh directory before it
 spawns the worker processes, so every object here writes to per-process files
 that ``/metrics`` adds up (prometheus-client multiprocess mode). The queue gauges
 (``postbote_queue_*``) are not here: the supervisor alone computes them
-(``worker.runtime.queue_gauges``), so they are counted once per host.
+(``worker.runtime.queue_gauges``), so they are counted once per host. Nor are the restart
+counters (``postbote_worker_restarts_total``, ``postbote_thread_restarts_total``): the supervisor
+counts what it restarts (``worker.runtime.watchdog.RestartCounts``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,13 @@ SMTP_CONNECTIONS_OPENED = Counter(
     ["tenant"],
 )
 
+UNSEALED_OPTIONS = Counter(
+    names.METRIC_UNSEALED_OPTIONS.removesuffix("_total"),
+    "Messages whose options had no valid seal (forged, or from another installation); "
+    "they were processed without them.",
+    ["queue"],
+)
+
 DRAMATIQ_MESSAGES = Counter(
     names.DRAMATIQ_MESSAGES.removesuffix("_total"),
     "The total number of messages processed.",
@@ -132,4 +141,5 @@ __all__ = [
     "RETRIES",
     "SMTP_CONNECTIONS_OPENED",
     "SMTP_SEND_SECONDS",
+    "UNSEALED_OPTIONS",
 ]

@@ -16,11 +16,15 @@ from dramatiq import Worker
 from dramatiq.middleware import CurrentMessage
 
 from schemas.constants import DOCUMENTS_QUEUE, RECEIPTS_QUEUE
+from worker.errors import DatabaseUnavailable
 from worker.job.actor import Pipeline, register_actor
+from worker.library_internals import set_delay_prefetch
 from worker.logs import configure_logging
 from worker.runtime.broker import make_broker
 from worker.runtime.middleware import Metrics
 from worker.runtime.queue_gauges import StartedMarks
+from worker.runtime.seal import Sealer, load_seal_key
+from worker.runtime.watchdog import watch_worker_threads
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -48,16 +52,26 @@ def run_worker_process(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+    sealer = _wait_for_sealer(settings, stop)
+    if sealer is None:
+        return
     pipeline = Pipeline(settings, holder=holder) if holder else Pipeline(settings)
     lanes = []
     for lane, count in ((DOCUMENTS_QUEUE, threads), (RECEIPTS_QUEUE, receipt_threads)):
         broker = make_broker(
-            settings, pipeline.give_up, extra=[CurrentMessage(), Metrics(settings.queue_prefix, started)]
+            settings,
+            pipeline.give_up,
+            extra=[CurrentMessage(), Metrics(settings.queue_prefix, started)],
+            sealer=sealer,
         )
         queue = register_actor(broker, pipeline, settings.queue_prefix, lane)
         worker = Worker(broker, queues={queue}, worker_threads=count, worker_timeout=100)
+        # A delayed message is held in memory until it is due: dramatiq's 1000 per thread
+        # times the largest message the consumer reads would be gigabytes.
+        set_delay_prefetch(worker, settings.delay_prefetch)
         worker.start()
         lanes.append((broker, worker))
+    watch_worker_threads([worker for _, worker in lanes], stop, grace_ms=settings.shutdown_grace_ms)
     logger.info(
         "worker process ready: %d bulk threads, %d receipt threads%s",
         threads,
@@ -78,6 +92,19 @@ def run_worker_process(
     for broker, _ in lanes:
         broker.close()
     pipeline.close()
+
+
+def _wait_for_sealer(settings: Settings, stop: threading.Event) -> Sealer | None:
+    """The sealer with the installation's key, once the database answers; ``None`` if stopped first."""
+    delay = 0.5
+    while True:
+        try:
+            return Sealer(load_seal_key(settings.database_url))
+        except DatabaseUnavailable as e:
+            logger.warning("cannot read the message sealing key yet (%s); retrying in %.1fs", e, delay)
+        if stop.wait(delay):
+            return None
+        delay = min(delay * 2, 10.0)
 
 
 __all__ = ["run_worker_process"]

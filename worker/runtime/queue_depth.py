@@ -15,6 +15,7 @@ import pika.exceptions
 
 from worker.db import Connection, translated_errors
 from worker.errors import BrokerUnavailable
+from worker.runtime.probes import broker_parameters
 
 _NOT_FOUND = 404
 
@@ -35,13 +36,10 @@ def count_ready(broker_url: str, queues: Sequence[str]) -> dict[str, int]:
     Raises:
       BrokerUnavailable: RabbitMQ cannot be reached.
     """
-    params = pika.URLParameters(broker_url)
-    params.socket_timeout = 5
-    params.blocked_connection_timeout = 5
-    params.connection_attempts = 1
+    nodes = broker_parameters(broker_url, timeout_s=5)
     counts: dict[str, int] = {}
     try:
-        connection = pika.BlockingConnection(params)
+        connection = pika.BlockingConnection(nodes)
         try:
             for queue in queues:
                 counts[queue] = _ready(connection, queue)
@@ -49,9 +47,8 @@ def count_ready(broker_url: str, queues: Sequence[str]) -> dict[str, int]:
             if connection.is_open:
                 connection.close()
     except (pika.exceptions.AMQPError, OSError) as e:
-        raise BrokerUnavailable(
-            f"RabbitMQ at {params.host}:{params.port} unreachable ({type(e).__name__})"
-        ) from e
+        where = ", ".join(f"{p.host}:{p.port}" for p in nodes)
+        raise BrokerUnavailable(f"RabbitMQ at {where} unreachable ({type(e).__name__})") from e
     return counts
 
 

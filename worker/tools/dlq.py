@@ -24,10 +24,11 @@ from worker.db import Connection, translated_errors
 from worker.job.deadletter import DeadJob
 from worker.job.ledger import reopen_failed
 
-_COLUMNS = (
+_SUMMARY_COLUMNS = (
     "id, job_id, tenant_id AS tenant, doc_type, doc_number, reason, detail, attempts, smtp_reply,"
-    " queue_name, dead_at, message, raw_body"
+    " queue_name, dead_at"
 )
+_COLUMNS = f"{_SUMMARY_COLUMNS}, message, raw_body"
 _SECRET_KEY = re.compile(r"pass|secret|token|private|credential|authorization|api.?key", re.IGNORECASE)
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -61,13 +62,22 @@ def parse_duration(text: str) -> int:
 
 
 def list_dead(conn: Connection, filters: Filters, *, limit: int | None = None) -> list[DeadJob]:
-    """Dead jobs matching ``filters``, oldest first."""
+    """Dead jobs matching ``filters``, oldest first, without their messages (``message`` and
+    ``raw_body`` are ``None``; :func:`get_dead` has them)."""
     where, params = _where(filters)
-    query = f"SELECT {_COLUMNS} FROM dead_letters{where} ORDER BY dead_at, id"
+    query = f"SELECT {_SUMMARY_COLUMNS} FROM dead_letters{where} ORDER BY dead_at, id"
     if limit is not None:
         query += f" LIMIT {int(limit)}"
     with translated_errors():
         return [_entry(row) for row in conn.execute(query.encode(), params)]
+
+
+def count_dead(conn: Connection, filters: Filters) -> int:
+    """How many dead jobs match ``filters``."""
+    where, params = _where(filters)
+    with translated_errors():
+        row = conn.execute(f"SELECT count(*) AS n FROM dead_letters{where}".encode(), params).fetchone()
+    return int(row["n"]) if row else 0
 
 
 def get_dead(conn: Connection, entry_id: str) -> DeadJob | None:
@@ -81,15 +91,16 @@ def get_dead(conn: Connection, entry_id: str) -> DeadJob | None:
 
 def describe(entry: DeadJob) -> dict[str, Any]:
     """Everything about a dead job for ``dlq show``: secrets masked, attachments summarized."""
+    replayable = entry.replayable_message
     detail = {
         **entry.summary(),
         "detail": entry.detail,
         "smtp_reply": entry.smtp_reply,
         "queue": entry.queue_name,
-        "replayable": entry.message is not None,
+        "replayable": replayable is not None,
     }
-    if entry.message is not None:
-        message = mask_secrets(entry.message)
+    if replayable is not None:
+        message = mask_secrets(replayable)
         args = message.get("args") or []
         detail["job"] = args[0] if len(args) == 1 else args
         detail["message"] = {k: v for k, v in message.items() if k not in ("args", "kwargs")}
@@ -157,7 +168,8 @@ def _replay_one(conn: Connection, entry_id: str, *, broker_url: str, dry_run: bo
             if row is None:
                 return ReplayResult(entry_id, "not_found", "not in the dead-letter queue (replayed already?)")
             entry = _entry(row)
-            if entry.message is None:
+            message = entry.replayable_message
+            if message is None:
                 return ReplayResult(
                     entry_id, "not_replayable", "the message was not readable; nothing to send"
                 )
@@ -170,7 +182,7 @@ def _replay_one(conn: Connection, entry_id: str, *, broker_url: str, dry_run: bo
             if dry_run:
                 raise _DryRun
             try:
-                publish_messages([fresh_message(entry.message)], broker_url=broker_url)
+                publish_messages([fresh_message(message)], broker_url=broker_url)
             except PublishError as e:
                 raise _NotPublished(str(e)) from e
             conn.execute("DELETE FROM dead_letters WHERE id = %s", (entry_id,))
@@ -230,14 +242,15 @@ def _entry(row: dict[str, Any]) -> DeadJob:
         smtp_reply=row["smtp_reply"],
         queue_name=str(row["queue_name"]),
         dead_at=row["dead_at"],
-        message=row["message"],
-        raw_body=bytes(row["raw_body"]) if row["raw_body"] is not None else None,
+        message=row.get("message"),
+        raw_body=bytes(row["raw_body"]) if row.get("raw_body") is not None else None,
     )
 
 
 __all__ = [
     "Filters",
     "ReplayResult",
+    "count_dead",
     "describe",
     "fresh_message",
     "get_dead",

@@ -72,15 +72,16 @@ def _write(conn: Connection, t: Tenant) -> None:
     conn.execute(
         """
         INSERT INTO tenants (id, smtp, batch_size, pause_ms, archive_bcc, sender_offer, sender_order,
-                             sender_invoice, sender_receipt, use_user_mail_data, cc_clerk, dkim)
+                             sender_invoice, sender_receipt, use_user_mail_data, cc_clerk, dkim, publishers)
         VALUES (%(id)s, %(smtp)s, %(batch_size)s, %(pause_ms)s, %(archive_bcc)s, %(offer)s, %(order)s,
-                %(invoice)s, %(receipt)s, %(use_user_mail_data)s, %(cc_clerk)s, %(dkim)s)
+                %(invoice)s, %(receipt)s, %(use_user_mail_data)s, %(cc_clerk)s, %(dkim)s, %(publishers)s)
         ON CONFLICT (id) DO UPDATE SET
             smtp = EXCLUDED.smtp, batch_size = EXCLUDED.batch_size, pause_ms = EXCLUDED.pause_ms,
             archive_bcc = EXCLUDED.archive_bcc, sender_offer = EXCLUDED.sender_offer,
             sender_order = EXCLUDED.sender_order, sender_invoice = EXCLUDED.sender_invoice,
             sender_receipt = EXCLUDED.sender_receipt, use_user_mail_data = EXCLUDED.use_user_mail_data,
-            cc_clerk = EXCLUDED.cc_clerk, dkim = EXCLUDED.dkim, updated_at = now()
+            cc_clerk = EXCLUDED.cc_clerk, dkim = EXCLUDED.dkim, publishers = EXCLUDED.publishers,
+            updated_at = now()
         """,
         {
             "id": t.id,
@@ -95,6 +96,7 @@ def _write(conn: Connection, t: Tenant) -> None:
             "use_user_mail_data": t.use_user_mail_data,
             "cc_clerk": t.cc_clerk,
             "dkim": json.dumps(_reveal(t.dkim)) if t.dkim else None,
+            "publishers": t.publishers,
         },
     )
     conn.execute("DELETE FROM employees WHERE tenant_id = %s", (t.id,))
@@ -124,7 +126,7 @@ def _write(conn: Connection, t: Tenant) -> None:
 def _snapshot(conn: Connection, tenant_id: str) -> dict[str, Any] | None:
     row = conn.execute(
         "SELECT smtp, batch_size, pause_ms, archive_bcc, sender_offer, sender_order, sender_invoice,"
-        " sender_receipt, use_user_mail_data, cc_clerk, dkim FROM tenants WHERE id = %s",
+        " sender_receipt, use_user_mail_data, cc_clerk, dkim, publishers FROM tenants WHERE id = %s",
         (tenant_id,),
     ).fetchone()
     if row is None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from schemas.tenant import Smtp
 from worker.errors import (
     PostboteError,
+    SmtpAuthFailed,
     SmtpConnectionError,
     SmtpRejected,
     SmtpTemporaryFailure,
@@ -23,6 +24,7 @@ from worker.job.smtp.transaction import _envelope, _Progress, _transact
 from worker.library_internals import set_smtp_timeout, smtp_socket_closed
 
 _IDLE_CLOSE_S = 30.0
+_LOGIN_COOLDOWN_S = 300.0
 # A server slower than this to accept an envelope ahead of the series slot is
 # not worth holding a connection for: the send then goes the ordinary way.
 _STAGE_TIMEOUT_S = 1.0
@@ -76,6 +78,8 @@ class _Tenant:
     settings: object
     permits: _Permits
     idle: list[_Connection] = field(default_factory=list)
+    login_refused: tuple[object, float, SmtpAuthFailed] | None = None
+    """The settings token, time and error of the last refused login: not tried again for a while."""
 
 
 class SmtpPool:
@@ -252,7 +256,32 @@ class SmtpPool:
             _quit(conn.client)
 
     def _open(self, tenant_id: str, smtp: Smtp, settings: object) -> _Connection:
-        conn = open_connection(smtp, timeout_s=self._timeout_s)
+        """A new connection, logged in. After a refused login, the same settings are not tried
+        again for ``_LOGIN_COOLDOWN_S``: a provider locks out an account after a few failures,
+        and every queued job would try once. Changed settings are tried at once."""
+        with self._lock:
+            tenant = self._tenants.get(tenant_id)
+            refused = tenant.login_refused if tenant is not None else None
+        if (
+            refused is not None
+            and refused[0] is settings
+            and time.monotonic() - refused[1] < _LOGIN_COOLDOWN_S
+        ):
+            error = refused[2]
+            wait_s = _LOGIN_COOLDOWN_S - (time.monotonic() - refused[1])
+            raise type(error)(
+                f"{error} (not tried again for {wait_s:.0f} s, to spare the account a lockout;"
+                " fix the login and run 'postbote tenants apply')",
+                smtp_reply=error.smtp_reply,
+            )
+        try:
+            conn = open_connection(smtp, timeout_s=self._timeout_s)
+        except SmtpAuthFailed as e:
+            with self._lock:
+                tenant = self._tenants.get(tenant_id)
+                if tenant is not None:
+                    tenant.login_refused = (settings, time.monotonic(), e)
+            raise
         conn.settings = settings
         if self._on_connect is not None:
             self._on_connect(tenant_id)

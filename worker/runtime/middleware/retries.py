@@ -39,6 +39,9 @@ FAILED_ATTEMPTS = "retries"
 """Message option: failed attempts so far (dramatiq's name, so its tooling reads it)."""
 REQUEUES = "requeues"
 """Message option: times the message was put back, counted or not; drives the backoff."""
+PUBLISHER = "publisher"
+"""Message option: the RabbitMQ user that published the job (its ``user_id`` property), set by
+the worker's consumer; a requeued message keeps the original publisher."""
 UNRECORDED_OUTCOME = "unrecorded_outcome"
 """Message option: an SMTP outcome the ledger could not take yet (see ``OutcomeUnrecorded``)."""
 
@@ -147,6 +150,7 @@ class RetryPolicy(Middleware):
 
 __all__ = [
     "FAILED_ATTEMPTS",
+    "PUBLISHER",
     "QUIET_FAILURES",
     "REQUEUES",
     "UNRECORDED_OUTCOME",
