@@ -23,6 +23,7 @@ from uuid import UUID
 
 from schemas.job import Job
 from worker.db import Connection, storable, translated_errors
+from worker.errors import ClaimedElsewhere
 from worker.job.outcome import AttemptRecord, Fate, Verdict, out_of_attempts
 from worker.job.recipients import Recipient
 from worker.job.smtp import SmtpReply
@@ -155,7 +156,7 @@ WITH job AS (
         claimed_by = NULL, claimed_until = NULL,
         sent_at = CASE WHEN %(status)s = ANY(%(delivered)s) THEN clock_timestamp() ELSE sent_at END,
         updated_at = clock_timestamp()
-    WHERE job_id = %(job_id)s
+    WHERE job_id = %(job_id)s AND claimed_by = %(worker)s
     RETURNING job_id
 ), fates AS (
     INSERT INTO delivery_recipients AS r (job_id, address, position, role, state, reply_code,
@@ -164,23 +165,32 @@ WITH job AS (
            clock_timestamp()
     FROM jsonb_to_recordset(%(fates)s::jsonb) AS f (address text, position smallint, role text, state text,
                                                    code integer, enhanced text, text text, attempts integer)
+    WHERE EXISTS (SELECT FROM job)
     ON CONFLICT (job_id, address) DO UPDATE SET state = EXCLUDED.state, reply_code = EXCLUDED.reply_code,
         reply_enhanced = EXCLUDED.reply_enhanced, reply_text = EXCLUDED.reply_text,
         attempts = EXCLUDED.attempts, updated_at = EXCLUDED.updated_at
     WHERE (r.state, r.reply_text, r.attempts) IS DISTINCT FROM (EXCLUDED.state, EXCLUDED.reply_text, EXCLUDED.attempts)
 ), attempt AS (
     INSERT INTO delivery_attempts (job_id, attempt, started_at, duration_ms, worker, outcome, reply, recipients)
-    VALUES (%(job_id)s, %(attempt)s, to_timestamp(%(started_at)s), %(duration_ms)s, %(worker)s, %(status)s,
-            %(reply)s, %(tried)s::jsonb)
+    SELECT %(job_id)s, %(attempt)s, to_timestamp(%(started_at)s), %(duration_ms)s, %(worker)s, %(status)s,
+           %(reply)s, %(tried)s::jsonb
+    WHERE EXISTS (SELECT FROM job)
     ON CONFLICT (job_id, attempt) DO NOTHING
 )
-SELECT count(*) FROM job
+SELECT count(*) AS recorded FROM job
 """
 
 
 def record_attempt(conn: Connection, record: AttemptRecord) -> Status:
     """Record one SMTP attempt in one statement: the job's status, each recipient's state and
-    reply, and the attempt's row in the history. Returns the job's status."""
+    reply, and the attempt's row in the history. Returns the job's status.
+
+    Only the worker holding the job's claim records (``record.worker``): an attempt whose
+    claim was taken over meanwhile, or an outcome recorded already, changes nothing.
+
+    Raises:
+      ClaimedElsewhere: the claim is not ``record.worker``'s (any more).
+    """
     verdict = record.verdict
     fates = [
         {**f.to_json(), "text": _storable(f.reply.text if f.reply else None), "position": n}
@@ -193,7 +203,7 @@ def record_attempt(conn: Connection, record: AttemptRecord) -> Status:
         if a in by_address
     ]
     with translated_errors():
-        conn.execute(
+        row = conn.execute(
             _RECORD_ATTEMPT,
             {
                 "job_id": record.job_id,
@@ -214,8 +224,14 @@ def record_attempt(conn: Connection, record: AttemptRecord) -> Status:
                 "reply": _storable(record.reply),
                 "tried": json.dumps(tried),
             },
-        )
+        ).fetchone()
         conn.commit()
+    if row is None or not row["recorded"]:
+        raise ClaimedElsewhere(
+            f"job {record.job_id} is no longer claimed by {record.worker}: this attempt's outcome"
+            " is not recorded (another worker took the job over, or it was recorded already)",
+            retry_in_ms=0,
+        )
     return verdict.status
 
 

@@ -254,6 +254,9 @@ class _Broker(RabbitmqBroker):
         return _BatchedAcks
 
 
+_BLOCKED_TIMEOUT_S = 30.0
+
+
 def make_broker(
     settings: Settings,
     give_up: GiveUp,
@@ -281,13 +284,20 @@ def make_broker(
     sealer = sealer or Sealer(load_seal_key(settings.database_url))
     # Last, so it seals the options as the middleware before it left them.
     middleware.append(SealOptions(sealer))
-    return _Broker(
+    broker = _Broker(
         sealer=sealer,
         max_message_bytes=settings.max_message_bytes,
         url=settings.broker_url,
         confirm_delivery=True,
         middleware=middleware,
     )
+    parameters = broker.parameters if isinstance(broker.parameters, list) else [broker.parameters]
+    for each in parameters:
+        # A broker under a memory or disk alarm blocks publishers: a requeue fails after this
+        # long (the message is then rejected to .XQ, where the sweeper keeps it) instead of
+        # holding a worker thread forever.
+        each.blocked_connection_timeout = _BLOCKED_TIMEOUT_S
+    return broker
 
 
 __all__ = ["MAX_MESSAGE_ID_CHARS", "envelope_problem", "make_broker"]
