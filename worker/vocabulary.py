@@ -105,6 +105,17 @@ class Reason(StrEnum):
     PostgreSQL refused the message as JSON, so it is kept as raw bytes."""
 
 
+class EventType(StrEnum):
+    """The ``type`` of a delivery event (``<prefix>.events``)."""
+
+    RETRYING = "retrying"
+    SENT = "sent"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    DEAD = "dead"
+    REPLAYED = "replayed"
+
+
 class LogOutcome(StrEnum):
     """The ``outcome`` of a job's log line."""
 
@@ -120,6 +131,7 @@ __all__ = [
     "CUSTOMER_FACING",
     "DELIVERED",
     "FINAL",
+    "EventType",
     "LogOutcome",
     "Reason",
     "RecipientState",

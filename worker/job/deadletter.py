@@ -17,7 +17,7 @@ from dramatiq.common import q_name
 from schemas.job import Job
 from worker.db import Connection, storable, translated_errors
 from worker.errors import DatabaseUnavailable
-from worker.vocabulary import Reason
+from worker.vocabulary import EventType, Reason, Status
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,7 @@ def _store(conn: Connection, dead: DeadJob, fingerprint: str, document: str | No
         with translated_errors(), conn.transaction():
             for _ in range(2):
                 if _insert(conn, dead, entry_id, document):
+                    _emit_dead(conn, dead, entry_id)
                     return entry_id
                 row = conn.execute(
                     "SELECT message::text AS message, message->>'actor_name' AS actor_name,"
@@ -185,12 +186,23 @@ def _store(conn: Connection, dead: DeadJob, fingerprint: str, document: str | No
                     " dead_at = now() WHERE id = %s",
                     (dead.reason, dead.detail, dead.attempts, dead.smtp_reply, entry_id),
                 )
+                _emit_dead(conn, dead, entry_id)
                 return entry_id
     # Every id it may take holds another message (someone published messages with those ids).
     entry_id = f"{dead.id}~{uuid.uuid4().hex}"
     with translated_errors(), conn.transaction():
         _insert(conn, dead, entry_id, document)
     return entry_id
+
+
+def _emit_dead(conn: Connection, dead: DeadJob, entry_id: str) -> None:
+    """The ``dead`` event, in the entry's transaction: only for a job's own entry (keyed by its
+    id) whose ledger row says failed, never for a message that merely names a job id."""
+    if dead.job_id is not None and entry_id == str(dead.job_id):
+        conn.execute(
+            "SELECT postbote_emit_event(job_id, %s) FROM deliveries WHERE job_id = %s AND status = %s",
+            (EventType.DEAD, dead.job_id, Status.FAILED),
+        )
 
 
 def _insert(conn: Connection, dead: DeadJob, entry_id: str, document: str | None) -> bool:

@@ -27,7 +27,7 @@ from worker.errors import ClaimedElsewhere
 from worker.job.outcome import AttemptRecord, Fate, Verdict, out_of_attempts
 from worker.job.recipients import Recipient
 from worker.job.smtp import SmtpReply
-from worker.vocabulary import DELIVERED, Reason, RecipientState, Status
+from worker.vocabulary import DELIVERED, EventType, Reason, RecipientState, Status
 
 
 class Claim(StrEnum):
@@ -180,6 +180,9 @@ WITH job AS (
 SELECT count(*) AS recorded FROM job
 """
 
+_EMIT = "SELECT postbote_emit_event(%s, %s)"
+"""The event of the job's state as this transaction leaves it (deploy/migrations/0007_events.sql)."""
+
 
 def record_attempt(conn: Connection, record: AttemptRecord) -> Status:
     """Record one SMTP attempt in one statement: the job's status, each recipient's state and
@@ -202,8 +205,8 @@ def record_attempt(conn: Connection, record: AttemptRecord) -> Status:
         for a in record.tried
         if a in by_address
     ]
-    with translated_errors():
-        row = conn.execute(
+    with translated_errors(), conn.pipeline(), conn.transaction():
+        recorded = conn.execute(
             _RECORD_ATTEMPT,
             {
                 "job_id": record.job_id,
@@ -224,15 +227,21 @@ def record_attempt(conn: Connection, record: AttemptRecord) -> Status:
                 "reply": _storable(record.reply),
                 "tried": json.dumps(tried),
             },
-        ).fetchone()
-        conn.commit()
-    if row is None or not row["recorded"]:
-        raise ClaimedElsewhere(
-            f"job {record.job_id} is no longer claimed by {record.worker}: this attempt's outcome"
-            " is not recorded (another worker took the job over, or it was recorded already)",
-            retry_in_ms=0,
         )
+        # Sent in the same round trip; it sees the state the statement above wrote.
+        conn.execute(_EMIT, (record.job_id, EventType(verdict.status)))
+        row = recorded.fetchone()
+        if row is None or not row["recorded"]:
+            raise _not_recorded(record)
     return verdict.status
+
+
+def _not_recorded(record: AttemptRecord) -> ClaimedElsewhere:
+    return ClaimedElsewhere(
+        f"job {record.job_id} is no longer claimed by {record.worker}: this attempt's outcome"
+        " is not recorded (another worker took the job over, or it was recorded already)",
+        retry_in_ms=0,
+    )
 
 
 def record_failure(
@@ -250,24 +259,16 @@ def record_failure(
     """Mark the job ``failed`` (final) or ``retrying`` with the reason and the server's reply;
     ``recipients`` the mail would have had are recorded ``pending`` where the ledger has none."""
     detail, smtp_reply = storable(detail), _storable(smtp_reply)
+    status = Status.FAILED if final else Status.RETRYING
     with translated_errors(), conn.transaction():
-        conn.execute(
+        changed = conn.execute(
             "UPDATE deliveries SET status = %s, reason = %s, detail = %s,"
             " smtp_reply = COALESCE(%s, smtp_reply), sender = COALESCE(%s, sender),"
             " next_attempt_at = clock_timestamp() + %s::bigint * interval '1 ms',"
             " claimed_by = NULL, claimed_until = NULL,"
             " updated_at = clock_timestamp() WHERE job_id = %s AND status <> ALL(%s)",
-            (
-                Status.FAILED if final else Status.RETRYING,
-                reason,
-                detail,
-                smtp_reply,
-                sender,
-                next_attempt_ms,
-                job_id,
-                list(DELIVERED),
-            ),
-        )
+            (status, reason, detail, smtp_reply, sender, next_attempt_ms, job_id, list(DELIVERED)),
+        ).rowcount
         if recipients:
             conn.execute(
                 "INSERT INTO delivery_recipients (job_id, address, position, role, state)"
@@ -285,18 +286,21 @@ def record_failure(
                     ),
                 ),
             )
+        if changed:
+            conn.execute(_EMIT, (job_id, EventType(status)))
 
 
 def release_claim(conn: Connection, job_id: UUID) -> None:
     """Give the claim back without an outcome: the job was deferred, a later delivery sends it."""
-    with translated_errors():
-        conn.execute(
+    with translated_errors(), conn.transaction():
+        changed = conn.execute(
             "UPDATE deliveries SET status = %s, reason = %s, detail = NULL, claimed_by = NULL,"
             " claimed_until = NULL, attempts = attempts - 1, updated_at = clock_timestamp()"
             " WHERE job_id = %s AND status = %s",
             (Status.RETRYING, Reason.THROTTLED, job_id, Status.SENDING),
-        )
-        conn.commit()
+        ).rowcount
+        if changed:
+            conn.execute(_EMIT, (job_id, EventType.RETRYING))
 
 
 def record_given_up(
@@ -331,6 +335,7 @@ def record_given_up(
             ),
         ).fetchone()
         if inserted is not None:
+            conn.execute(_EMIT, (job.job_id, EventType.FAILED))
             return Verdict(Status.FAILED, (), reason, detail, smtp_reply)
         row = conn.execute(
             "SELECT status FROM deliveries WHERE job_id = %s FOR UPDATE", (job.job_id,)
@@ -374,6 +379,7 @@ def record_given_up(
                     fate.address,
                 ),
             )
+        conn.execute(_EMIT, (job.job_id, EventType(verdict.status)))
     return verdict
 
 
@@ -425,6 +431,7 @@ def reopen_failed(conn: Connection, job_id: UUID) -> Status | None:
                 " WHERE job_id = %s AND state = %s",
                 (RecipientState.PENDING, job_id, RecipientState.REFUSED),
             )
+            conn.execute(_EMIT, (job_id, EventType.REPLAYED))
     return status
 
 
