@@ -204,6 +204,7 @@ def _publish_and_watch(settings: Settings, sink: Sink, run_dir: Path, count: int
     status = _summary(expectations, final, sink.handler.maildir, elapsed, run_dir, say)
     if status == 0:
         _explain_greylisting(settings, expectations, say)
+        _explain_events(settings, [str(i) for i in ids], say)
         _explain_dead_letters(expectations, final, say)
         say("\nEvery expected mail arrived; the greylisted customer got the invoice on the retry;")
         say("the refused sender was refused.")
@@ -263,6 +264,17 @@ def _summary(
             say(f"  {p}")
         return 1
     return 0
+
+
+def _explain_events(settings: Settings, job_ids: list[str], say: Any) -> None:
+    with connect(settings.database_url) as conn:
+        rows = conn.execute(
+            "SELECT type, count(*) AS n FROM events WHERE job_id = ANY(%s::uuid[]) GROUP BY type ORDER BY type",
+            (job_ids,),
+        ).fetchall()
+    seen = ", ".join(f"{r['type']} {r['n']}" for r in rows)
+    say(f"\nDelivery events written with the ledger (exchange {settings.queue_prefix}.events): {seen}")
+    say("  postbote events tail --follow      # watch them; docs/events.md has a consumer")
 
 
 def _explain_greylisting(settings: Settings, expectations: list[Expectation], say: Any) -> None:
