@@ -137,7 +137,10 @@ def test_the_health_endpoint_listens_on_the_metrics_host_only(own_queues: Settin
             pass
         else:
             raise AssertionError(f"something answers on 127.0.0.1:{port}")
-        assert f"metrics on 127.0.0.2:{port}" in running.output()
+        # The supervisor logs where it listens once its threads and processes are started.
+        wait_for(
+            lambda: f"metrics on 127.0.0.2:{port}" in running.output(), what="the listening address logged"
+        )
     finally:
         running.stop()
 
