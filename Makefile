@@ -44,6 +44,7 @@ bench: install services
 	$(PY) bench/consumer.py
 	$(PY) bench/stages.py
 	$(PY) bench/dkim_sign.py
+	$(PY) bench/events_lag.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,6 @@
-"""The job and tenant models: the contract between ERP modules and postbote."""
+"""The job, tenant and event models: the contract between ERP modules and postbote."""
 
+from schemas.event import Event
 from schemas.job import Attachment, Body, Document, DocumentType, Job
 from schemas.tenant import (
     Dkim,
@@ -23,6 +24,7 @@ __all__ = [
     "Document",
     "DocumentType",
     "Employee",
+    "Event",
     "Group",
     "Job",
     "Senders",

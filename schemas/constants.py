@@ -39,6 +39,19 @@ def actor_of(lane: str) -> str:
     return SEND_RECEIPT_ACTOR if lane == RECEIPTS_QUEUE else SEND_DOCUMENT_ACTOR
 
 
+EVENTS_EXCHANGE = "events"
+
+
+def events_exchange(prefix: str) -> str:
+    """The durable topic exchange delivery events are published to, under a prefix."""
+    return f"{prefix}.{EVENTS_EXCHANGE}" if prefix else EVENTS_EXCHANGE
+
+
+def event_routing_key(tenant: str, doc_type: str, event_type: str) -> str:
+    """``<tenant>.<doc_type>.<event type>``, e.g. ``acme.invoice.sent``."""
+    return f"{tenant}.{doc_type}.{event_type}"
+
+
 METRIC_QUEUE_OLDEST_AGE_SECONDS = "postbote_queue_oldest_age_seconds"
 METRIC_DUPLICATES_PREVENTED = "postbote_duplicates_prevented_total"
 METRIC_POSSIBLE_DUPLICATES = "postbote_possible_duplicates_total"
@@ -49,6 +62,9 @@ METRIC_RECIPIENTS = "postbote_recipients_total"
 METRIC_UNSEALED_OPTIONS = "postbote_unsealed_options_total"
 METRIC_WORKER_RESTARTS = "postbote_worker_restarts_total"
 METRIC_THREAD_RESTARTS = "postbote_thread_restarts_total"
+METRIC_WEBHOOK_DELIVERIES = "postbote_webhook_deliveries_total"
+METRIC_EVENTS_PUBLISHED = "postbote_events_published_total"
+METRIC_EVENTS_LAG_SECONDS = "postbote_events_lag_seconds"
 
 DEAD_LETTER_QUEUE_LABEL = "dead"
 """The ``queue`` label of the dead-letter store (the PostgreSQL table ``dead_letters``)."""

@@ -1,4 +1,4 @@
-"""Write the JSON Schema files of the job and the tenant file (``python -m schemas.export``)."""
+"""Write the JSON Schema files of the job, the tenant file and the delivery event (``python -m schemas.export``)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from schemas.event import Event
 from schemas.job import Job
 from schemas.tenant import TenantFile
 
 HERE = Path(__file__).resolve().parent
-FILES: dict[str, type[BaseModel]] = {"job.schema.json": Job, "tenant-file.schema.json": TenantFile}
+FILES: dict[str, type[BaseModel]] = {
+    "job.schema.json": Job,
+    "tenant-file.schema.json": TenantFile,
+    "event.schema.json": Event,
+}
 
 
 def rendered() -> dict[str, str]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from schemas.event import EventType
 from schemas.fields import Address, HeaderText, Identifier
 
 
@@ -130,6 +132,47 @@ class Employee(_Model):
     senders: list[Address] = []
 
 
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _webhook_url(value: str) -> str:
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"{value!r} is not a URL: {e}") from None
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("must be an https:// URL with a host")
+    if parts.scheme == "http" and parts.hostname not in _LOOPBACK_HOSTS:
+        raise ValueError("must be https:// (http:// only for 127.0.0.1, localhost or [::1])")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry a user or password: the URL is shown by the CLI")
+    if parts.fragment or port == 0:
+        raise ValueError("must have no #fragment and no port 0")
+    return value
+
+
+WebhookUrl = Annotated[
+    str,
+    Field(min_length=8, max_length=2000, pattern=r"^https?://[^\x00-\x20\x7f]+$"),
+    AfterValidator(_webhook_url),
+]
+"""Where a webhook is posted: ``https://``, or ``http://`` to the loopback host only."""
+
+
+class Webhook(_Model):
+    """A URL that receives the tenant's delivery events, signed the Standard Webhooks way.
+
+    ``secret_file`` holds the signing secret as ``whsec_<base64>``; the worker reads it before
+    each round of deliveries, so it must exist on every worker host. ``events`` limits the event
+    types sent; absent, every event is.
+    """
+
+    url: WebhookUrl
+    secret_file: Path
+    events: Annotated[list[EventType], Field(min_length=1)] | None = None
+
+
 BrokerUser = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
 """A RabbitMQ user name."""
 
@@ -149,6 +192,8 @@ class Tenant(_Model):
     """The RabbitMQ users allowed to publish jobs for this tenant (RabbitMQ checks a message's
     ``user_id`` property against the connection's user); a job from anyone else is dead-lettered
     as ``publisher_not_permitted``. Absent: any publisher."""
+    webhooks: Annotated[list[Webhook], Field(max_length=20)] = []
+    """URLs that receive the tenant's delivery events over HTTP, each in the order they were written."""
 
     @model_validator(mode="after")
     def _references(self) -> Tenant:
@@ -161,6 +206,9 @@ class Tenant(_Model):
         for e in self.employees:
             if e.group is not None and e.group not in groups:
                 raise ValueError(f"employee {e.id!r} names group {e.group!r}, which is not defined")
+        urls = [w.url for w in self.webhooks]
+        if len(set(urls)) != len(urls):
+            raise ValueError("webhook urls must be unique")
         return self
 
 
@@ -186,4 +234,5 @@ __all__ = [
     "Smtp",
     "Tenant",
     "TenantFile",
+    "Webhook",
 ]

@@ -63,6 +63,20 @@ class Settings(BaseSettings):
     restart_reset_ms: int = Field(60000, gt=0)
     """A worker process or thread that ran this long counts as healthy again: its deaths in a
     row are forgotten (the next restart waits 500 ms, ``/healthz`` stops reporting a crash loop)."""
+    events_retention_days: int = Field(14, ge=0)
+    """Published delivery events older than this are deleted from the outbox (the ``events``
+    table), a few thousand at a time; ``postbote events tail`` and ``replay`` reach back this
+    far. 0 keeps them forever."""
+
+    webhook_retry_hours: float = Field(24, gt=0)
+    """How long a webhook's refused event is retried (from its first failed attempt) before it is
+    kept as a failed delivery for ``postbote events webhooks --resend`` and the next one is sent."""
+    webhook_min_backoff_ms: int = Field(5000, gt=0)
+    """The first wait before a refused webhook event is posted again; it doubles with every try."""
+    webhook_max_backoff_ms: int = Field(30 * 60 * 1000, gt=0)
+    """The longest wait between two tries of a refused webhook event."""
+    webhook_timeout_ms: int = Field(10000, gt=0)
+    """How long one webhook POST may take to connect, and then to answer."""
 
     @property
     def max_message_bytes(self) -> int:

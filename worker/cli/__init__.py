@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from worker.cli import db, demo, dkim, dlq, run, send, sink, status, tenants, testmail
+from worker.cli import db, demo, dkim, dlq, events, run, send, sink, status, tenants, testmail
 from worker.cli.output import fail
 from worker.settings import Settings
 
-COMMANDS = (db, tenants, send, run, status, dlq, dkim, testmail, sink, demo)
+COMMANDS = (db, tenants, send, run, status, events, dlq, dkim, testmail, sink, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,11 @@ that ``/metrics`` adds up (prometheus-client multiprocess mode). The queue gauge
 (``postbote_queue_*``) are not here: the supervisor alone computes them
 (``worker.runtime.queue_gauges``), so they are counted once per host. Nor are the restart
 counters (``postbote_worker_restarts_total``, ``postbote_thread_restarts_total``): the supervisor
-counts what it restarts (``worker.runtime.watchdog.RestartCounts``).
+counts what it restarts (``worker.runtime.watchdog.RestartCounts``), nor the delivery-event
+series (``postbote_events_published_total``, ``postbote_events_lag_seconds``): the event relay
+runs in the supervisor and counts what it publishes (``worker.runtime.relay.RelayMetrics``), nor
+``postbote_webhook_deliveries_total``: the supervisor's webhook sender counts what it posts
+(``worker.runtime.webhooks.WebhookCounts``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """``postbote worker``: start N worker processes, restart any that die, serve metrics and health.
 
-A worker process or supervisor thread (``.XQ`` sweeper, queue gauges) that dies is started
-again after a delay that doubles with every death in a row, from 0.5 s up to
-``restart_backoff_max_ms``, and counted (``postbote_worker_restarts_total``,
+A worker process or supervisor thread (``.XQ`` sweeper, queue gauges, event relay, webhook
+sender) that dies is started again after a delay that doubles with every death in a row, from
+0.5 s up to ``restart_backoff_max_ms``, and counted (``postbote_worker_restarts_total``,
 ``postbote_thread_restarts_total``); a run of ``restart_reset_ms`` forgets the earlier deaths.
 
 On ``metrics_host``:``metrics_port``: ``/metrics`` aggregates every process (prometheus-client
@@ -37,8 +37,10 @@ from worker.errors import DatabaseUnavailable
 from worker.job.ledger import release_claims
 from worker.runtime.probes import SharedProbe, service_problems
 from worker.runtime.queue_gauges import QueueGauges, StartedMarks
+from worker.runtime.relay import EventRelay
 from worker.runtime.sweeper import sweep_forever
 from worker.runtime.watchdog import THREAD_DIED_EXIT_CODE, Backoff, RestartCounts, SupervisedThread
+from worker.runtime.webhooks import WebhookCounts, deliver_webhooks_forever
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -139,15 +141,27 @@ def supervise(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    counts = RestartCounts(threads=("queue_gauges", "sweeper"))
+    counts = RestartCounts(threads=("event_relay", "queue_gauges", "sweeper", "webhooks"))
+    relay = EventRelay(settings)
+    webhook_counts = WebhookCounts()
     helpers = [
         SupervisedThread("queue_gauges", gauges.run, stop, backoff=backoff(), counts=counts),
         SupervisedThread(
             "sweeper", lambda s: sweep_forever(settings, s), stop, backoff=backoff(), counts=counts
         ),
+        SupervisedThread("event_relay", relay.run, stop, backoff=backoff(), counts=counts),
+        SupervisedThread(
+            "webhooks",
+            lambda s: deliver_webhooks_forever(settings, s, counts=webhook_counts),
+            stop,
+            backoff=backoff(),
+            counts=counts,
+        ),
     ]
     slots = [_Slot(backoff()) for _ in range(processes)]
-    server = _serve_http(settings, [gauges, counts], _Health(settings, slots, helpers))
+    server = _serve_http(
+        settings, [gauges, counts, relay.metrics, webhook_counts], _Health(settings, slots, helpers)
+    )
     for helper in helpers:
         helper.start()
     for number, slot in enumerate(slots):

@@ -13,6 +13,7 @@ from pydantic import BaseModel, SecretStr
 
 from schemas.tenant import Tenant, TenantFile
 from worker.db import Connection, translated_errors
+from worker.runtime.webhooks import track_webhooks
 
 
 @dataclass
@@ -99,6 +100,11 @@ def _write(conn: Connection, t: Tenant) -> None:
             "publishers": t.publishers,
         },
     )
+    conn.execute(
+        "UPDATE tenants SET webhooks = %s WHERE id = %s",
+        (json.dumps([_reveal(w) for w in t.webhooks]), t.id),
+    )
+    track_webhooks(conn, t.id, [w.url for w in t.webhooks])
     conn.execute("DELETE FROM employees WHERE tenant_id = %s", (t.id,))
     conn.execute("DELETE FROM employee_groups WHERE tenant_id = %s", (t.id,))
     for g in t.groups:
@@ -126,7 +132,7 @@ def _write(conn: Connection, t: Tenant) -> None:
 def _snapshot(conn: Connection, tenant_id: str) -> dict[str, Any] | None:
     row = conn.execute(
         "SELECT smtp, batch_size, pause_ms, archive_bcc, sender_offer, sender_order, sender_invoice,"
-        " sender_receipt, use_user_mail_data, cc_clerk, dkim, publishers FROM tenants WHERE id = %s",
+        " sender_receipt, use_user_mail_data, cc_clerk, dkim, publishers, webhooks FROM tenants WHERE id = %s",
         (tenant_id,),
     ).fetchone()
     if row is None:
