@@ -1,9 +1,11 @@
 """2,000 jobs of every fate while workers and the relay are killed and RabbitMQ restarts: a consumer
 of ``<prefix>.events`` sees, after de-duplication by ``event_id``, for every job exactly one
-terminal event, ``seq`` without gaps, the ledger's statuses, and nothing for unknown jobs."""
+terminal event, ``seq`` without gaps, the ledger's statuses, and nothing for unknown jobs; a
+webhook that answers 500 at first gets every event, signed, in the order they were written."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -27,6 +29,7 @@ from tests.support.services import (
     isolated_settings,
     send_jobs,
 )
+from tests.support.webhooks import Receiver, assert_signed
 from worker.db import Connection, connect, drop_database, ensure_database, upgrade
 from worker.settings import Settings
 from worker.testbed.documents import make_job
@@ -127,13 +130,25 @@ def test_every_job_has_exactly_one_terminal_event_through_kills_and_a_broker_res
         max_attempts=6,
         smtp_timeout_ms=2000,
         series_max_wait_ms=2000,
+        webhook_min_backoff_ms=200,
+        webhook_max_backoff_ms=1000,
     )
+    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    (tmp_path / "webhook.secret").write_text(secret)
+    refusing_until = time.monotonic() + 15
+    receiver = Receiver(lambda n: 500 if time.monotonic() < refusing_until else 200)
     rules = {f"weg{n}@example.com": ["550 5.1.1 user unknown"] for n in range(JOBS)}
     rules |= {f"grau{n}@example.com": ["451 4.7.1 greylisted", None] for n in range(JOBS)}
     sink = Sink(tmp_path / "maildir", handler=RecipientRules(tmp_path / "maildir", rules=rules))
     workers: list[RunningWorker] = []
     try:
-        tenant = add_tenant(own.database_url, sink, tmp_path, archive_bcc="archiv@acme.example")
+        tenant = add_tenant(
+            own.database_url,
+            sink,
+            tmp_path,
+            archive_bcc="archiv@acme.example",
+            webhooks=[{"url": receiver.url, "secret_file": str(tmp_path / "webhook.secret")}],
+        )
         queue = bind_events(own.broker_url, own.queue_prefix)
         workers.append(RunningWorker(own, processes=2, threads=4))
         ids = send_jobs(own, workload(tenant))
@@ -158,13 +173,27 @@ def test_every_job_has_exactly_one_terminal_event_through_kills_and_a_broker_res
         with connect(chaos_database, autocommit=True) as db:
             rows = wait_final(db, ids, timeout=300)
             wait_published(db, ids)
+            written = [
+                str(r["event_id"])
+                for r in db.execute("SELECT event_id FROM events WHERE tenant_id = %s ORDER BY id", (tenant,))
+            ]
         time.sleep(1)
         events = drain(own.broker_url, queue)
+        deadline = time.monotonic() + 180
+        while len({r.event["event_id"] for r in receiver.accepted()}) < len(written):
+            assert time.monotonic() < deadline, "the webhook did not get every event"
+            time.sleep(0.5)
     finally:
         for worker in workers:
             worker.stop()
         sink.stop()
+        receiver.stop()
         delete_queues(own)
+
+    hooked = receiver.accepted()
+    assert [r.status for r in receiver.requests][0] == 500
+    assert_signed(hooked, secret)
+    assert list(dict.fromkeys(r.event["event_id"] for r in hooked)) == written
 
     unique = {e["event_id"]: e for e in events}
     assert len(unique) <= len(events)
