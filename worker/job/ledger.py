@@ -148,37 +148,8 @@ def load_progress(conn: Connection, job_id: UUID) -> Progress:
     return Progress(fates, job["sender"], job["message_id"], bytes(message) if message is not None else None)
 
 
-_RECORD_ATTEMPT = """
-WITH job AS (
-    UPDATE deliveries SET status = %(status)s, reason = %(reason)s, detail = %(detail)s,
-        smtp_reply = %(smtp_reply)s, sender = %(sender)s, message_id = %(message_id)s, message = %(message)s,
-        next_attempt_at = clock_timestamp() + %(next_attempt_ms)s::bigint * interval '1 ms',
-        claimed_by = NULL, claimed_until = NULL,
-        sent_at = CASE WHEN %(status)s = ANY(%(delivered)s) THEN clock_timestamp() ELSE sent_at END,
-        updated_at = clock_timestamp()
-    WHERE job_id = %(job_id)s AND claimed_by = %(worker)s
-    RETURNING job_id
-), fates AS (
-    INSERT INTO delivery_recipients AS r (job_id, address, position, role, state, reply_code,
-                                          reply_enhanced, reply_text, attempts, updated_at)
-    SELECT %(job_id)s, f.address, f.position, f.role, f.state, f.code, f.enhanced, f.text, f.attempts,
-           clock_timestamp()
-    FROM jsonb_to_recordset(%(fates)s::jsonb) AS f (address text, position smallint, role text, state text,
-                                                   code integer, enhanced text, text text, attempts integer)
-    WHERE EXISTS (SELECT FROM job)
-    ON CONFLICT (job_id, address) DO UPDATE SET state = EXCLUDED.state, reply_code = EXCLUDED.reply_code,
-        reply_enhanced = EXCLUDED.reply_enhanced, reply_text = EXCLUDED.reply_text,
-        attempts = EXCLUDED.attempts, updated_at = EXCLUDED.updated_at
-    WHERE (r.state, r.reply_text, r.attempts) IS DISTINCT FROM (EXCLUDED.state, EXCLUDED.reply_text, EXCLUDED.attempts)
-), attempt AS (
-    INSERT INTO delivery_attempts (job_id, attempt, started_at, duration_ms, worker, outcome, reply, recipients)
-    SELECT %(job_id)s, %(attempt)s, to_timestamp(%(started_at)s), %(duration_ms)s, %(worker)s, %(status)s,
-           %(reply)s, %(tried)s::jsonb
-    WHERE EXISTS (SELECT FROM job)
-    ON CONFLICT (job_id, attempt) DO NOTHING
-)
-SELECT count(*) AS recorded FROM job
-"""
+_RECORD_ATTEMPT = "SELECT postbote_record_attempt(%s::jsonb, %s) AS recorded"
+"""One statement: the job's status, the recipients, the attempt, its event (deploy/migrations/0010)."""
 
 _EMIT = "SELECT postbote_emit_event(%s, %s)"
 """The event of the job's state as this transaction leaves it (deploy/migrations/0007_events.sql)."""
@@ -205,34 +176,28 @@ def record_attempt(conn: Connection, record: AttemptRecord) -> Status:
         for a in record.tried
         if a in by_address
     ]
-    with translated_errors(), conn.pipeline(), conn.transaction():
-        recorded = conn.execute(
-            _RECORD_ATTEMPT,
-            {
-                "job_id": record.job_id,
-                "status": verdict.status,
-                "delivered": list(DELIVERED),
-                "reason": verdict.reason,
-                "detail": _storable(verdict.detail),
-                "smtp_reply": _storable(verdict.smtp_reply),
-                "sender": record.sender,
-                "message_id": record.message_id,
-                "message": record.message,
-                "next_attempt_ms": record.next_attempt_ms,
-                "fates": json.dumps(fates),
-                "attempt": record.attempt,
-                "started_at": record.started_at,
-                "duration_ms": record.duration_ms,
-                "worker": record.worker,
-                "reply": _storable(record.reply),
-                "tried": json.dumps(tried),
-            },
-        )
-        # Sent in the same round trip; it sees the state the statement above wrote.
-        conn.execute(_EMIT, (record.job_id, EventType(verdict.status)))
-        row = recorded.fetchone()
-        if row is None or not row["recorded"]:
-            raise _not_recorded(record)
+    fields = {
+        "job_id": str(record.job_id),
+        "status": verdict.status.value,
+        "delivered": [status.value for status in DELIVERED],
+        "reason": verdict.reason.value if verdict.reason else None,
+        "detail": _storable(verdict.detail),
+        "smtp_reply": _storable(verdict.smtp_reply),
+        "sender": record.sender,
+        "message_id": record.message_id,
+        "next_attempt_ms": record.next_attempt_ms,
+        "fates": fates,
+        "attempt": record.attempt,
+        "started_at": record.started_at,
+        "duration_ms": record.duration_ms,
+        "worker": record.worker,
+        "reply": _storable(record.reply),
+        "tried": tried,
+    }
+    with translated_errors():
+        row = conn.execute(_RECORD_ATTEMPT, (json.dumps(fields), record.message)).fetchone()
+    if row is None or not row["recorded"]:
+        raise _not_recorded(record)
     return verdict.status
 
 
