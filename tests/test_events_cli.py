@@ -18,6 +18,7 @@ import pytest
 
 from schemas.constants import events_exchange
 from schemas.event import Event
+from tests.support.events import emit, new_job
 from tests.support.services import ROOT, isolated_settings, postbote, settings_env
 from worker.db import Connection
 from worker.settings import Settings
@@ -27,30 +28,6 @@ from worker.settings import Settings
 def own(settings: Settings) -> Settings:
     """The run's database with a queue prefix of this test's own (replays go to its exchange)."""
     return isolated_settings(settings)
-
-
-def new_job(conn: Connection, tenant: str, doc_type: str = "invoice", number: str = "RE-2026-0001") -> str:
-    job_id = str(uuid.uuid4())
-    conn.execute(
-        "INSERT INTO deliveries (job_id, tenant_id, doc_type, doc_number, payload_sha256, status, message_id)"
-        " VALUES (%s, %s, %s, %s, 'test', 'sending', %s)",
-        (job_id, tenant, doc_type, number, f"<{job_id}@postbote.test>"),
-    )
-    conn.execute(
-        "INSERT INTO delivery_recipients (job_id, address, position, role, state)"
-        " VALUES (%s, 'kunde@example.com', 0, 'to', 'pending')",
-        (job_id,),
-    )
-    return job_id
-
-
-def emit(conn: Connection, job_id: str, event_type: str, status: str, reason: str | None = None) -> None:
-    with conn.transaction():
-        conn.execute(
-            "UPDATE deliveries SET status = %s, reason = %s, attempts = attempts + 1 WHERE job_id = %s",
-            (status, reason, job_id),
-        )
-        conn.execute("SELECT postbote_emit_event(%s, %s)", (job_id, event_type))
 
 
 def event_ids(conn: Connection, job_id: str) -> list[str]:
