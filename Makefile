@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install services test-tools demo test lint typecheck schemas bench clean
+.PHONY: install services test-tools demo test test-ha lint typecheck schemas bench clean
 
 install: $(STAMP)
 
@@ -25,7 +25,11 @@ demo: install services
 	$(VENV)/bin/postbote demo
 
 test: install services test-tools
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not ha"
+
+# Clusters of their own (three RabbitMQ nodes, PostgreSQL primary + standby): slower, separate.
+test-ha: install services
+	$(PY) -m pytest -m ha tests/test_ha_*.py
 
 lint: install
 	$(VENV)/bin/ruff check schemas producer worker tests bench
@@ -45,6 +49,7 @@ bench: install services
 	$(PY) bench/stages.py
 	$(PY) bench/dkim_sign.py
 	$(PY) bench/events_lag.py
+	$(PY) bench/fairness.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import pty
@@ -26,7 +27,7 @@ from schemas.constants import lane_queues
 from worker.db import connect, drop_database, ensure_database, upgrade
 from worker.settings import Settings
 from worker.testbed.sink import free_port
-from worker.tools.tenant_file import apply_tenants, read_tenant_file
+from worker.tools.tenant_file import TenantPolicy, apply_tenants, read_tenant_file
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -69,7 +70,7 @@ def bench_settings(**overrides: Any) -> Iterator[Settings]:
         database_url=url,
         queue_prefix=f"pbbench-{token}",
         metrics_port=free_port(),
-        **overrides,
+        **{"secrets_dir": os.path.realpath(tempfile.gettempdir()), **overrides},
     )
     try:
         yield settings
@@ -84,13 +85,16 @@ def apply_tenant(settings: Settings, tenant: dict[str, Any], workdir: Path) -> N
     path = workdir / f"{tenant['id']}.yaml"
     path.write_text(yaml.safe_dump({"tenants": [tenant]}))
     with connect(settings.database_url) as conn:
-        apply_tenants(conn, read_tenant_file(path))
+        apply_tenants(conn, read_tenant_file(path), TenantPolicy.from_settings(settings))
 
 
 def env_for(settings: Settings, **overrides: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSTBOTE_")}
     for key, value in {**settings.model_dump(), **overrides}.items():
-        env[f"POSTBOTE_{key.upper()}"] = str(value)
+        if value is not None:
+            env[f"POSTBOTE_{key.upper()}"] = (
+                json.dumps(value) if isinstance(value, dict | list) else str(value)
+            )
     return env
 
 

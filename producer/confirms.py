@@ -4,10 +4,18 @@ The blocking channel in confirm mode waits for the broker's ack after every
 message; here up to ``window`` messages are in flight and the broker's
 (multiple) acks are collected as they come. The call returns once every
 message is confirmed, or raises with the count of those confirmed in order.
+
+Queues that exist are only checked (a passive declaration), whatever their type, so a producer
+never fails on a queue the workers declared as quorum while it was told ``classic``, nor during
+``postbote queues migrate``; a missing lane is declared with ``queue_type``. Given several nodes
+(a cluster), a run that fails on one goes on from its first unconfirmed message on the next: a
+message published twice is still sent once (the workers' ledger is keyed by the job id).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +25,22 @@ from pika.channel import Channel
 from pika.frame import Method
 from pika.spec import Basic
 
-from producer.queues import DEAD_MESSAGE_TTL_MS, queue_arguments
+from producer.queues import QueueType, lane_declarations
+
+_ROUNDS = 2
+_ROUND_PAUSE_S = 1.0
+
+
+class _QuietMissingQueue(logging.Filter):
+    """pika logs every channel the broker closes as a warning; a passive check of a lane that
+    does not exist yet closes one on purpose (404), and the lane is then declared."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (str(record.msg).startswith("Received remote Channel.Close") and args[:1] == (404,))
+
+
+logging.getLogger("pika.channel").addFilter(_QuietMissingQueue())
 
 
 def _properties(parameters: pika.connection.Parameters) -> pika.BasicProperties:
@@ -37,28 +60,52 @@ class ConfirmError(Exception):
 
 
 def publish_confirmed(
-    parameters: pika.connection.Parameters, messages: Sequence[tuple[str, bytes]], *, window: int = 2000
+    parameters: pika.connection.Parameters | Sequence[pika.connection.Parameters],
+    messages: Sequence[tuple[str, bytes]],
+    *,
+    window: int = 2000,
+    queue_type: QueueType = "classic",
 ) -> None:
     """Publish ``(queue, body)`` pairs persistently; return when the broker confirmed all of them.
 
+    ``parameters`` may list several nodes of a cluster: each is tried in turn (twice round, a
+    second apart), each going on from the first message not confirmed yet.
+
     Raises:
-      ConfirmError: the connection failed, a message was nacked or could not be routed.
+      ConfirmError: no node confirmed every message; ``confirmed`` counts the leading ones that were.
     """
-    run = _Run(parameters, messages, window)
-    try:
-        run.connection.ioloop.start()
-    finally:
-        run.connection.ioloop.close()
-    if run.error is not None:
-        raise ConfirmError(run.error, run.confirmed_prefix())
+    nodes = [parameters] if isinstance(parameters, pika.connection.Parameters) else list(parameters)
+    done = 0
+    errors: list[str] = []
+    for round_no in range(_ROUNDS):
+        if round_no:
+            time.sleep(_ROUND_PAUSE_S)
+        for node in nodes:
+            run = _Run(node, messages[done:], window, queue_type)
+            try:
+                run.connection.ioloop.start()
+            finally:
+                run.connection.ioloop.close()
+            if run.error is None:
+                return
+            done += run.confirmed_prefix()
+            errors.append(f"{run.error} ({node.host}:{node.port})")
+    raise ConfirmError("; ".join(errors[-len(nodes) :]), done)
 
 
 class _Run:
     def __init__(
-        self, parameters: pika.connection.Parameters, messages: Sequence[tuple[str, bytes]], window: int
+        self,
+        parameters: pika.connection.Parameters,
+        messages: Sequence[tuple[str, bytes]],
+        window: int,
+        queue_type: QueueType,
     ) -> None:
         self.messages = messages
         self.window = window
+        self.queue_type = queue_type
+        self.unchecked = list(dict.fromkeys(queue for queue, _ in messages))
+        self.declaring: Channel | None = None
         self.properties = _properties(parameters)
         self.sent = 0
         self.acked_upto = 0
@@ -85,7 +132,7 @@ class _Run:
             self.connection.close()
 
     def _on_open(self, connection: pika.SelectConnection) -> None:
-        connection.channel(on_open_callback=self._on_channel)
+        connection.channel(on_open_callback=self._on_declaring_channel)
 
     def _on_open_error(self, connection: pika.SelectConnection, error: BaseException | str) -> None:
         self.error = (
@@ -104,23 +151,49 @@ class _Run:
             self.frozen = self.acked_upto
         connection.ioloop.stop()
 
+    def _on_declaring_channel(self, channel: Channel) -> None:
+        self.declaring = channel
+        channel.add_on_close_callback(self._on_declaring_closed)
+        self._check_next()
+
+    def _check_next(self) -> None:
+        """Check the next queue passively; a 404 closes the channel (``_on_declaring_closed``)."""
+        assert self.declaring is not None
+        if not self.unchecked:
+            channel, self.declaring = self.declaring, None
+            channel.close()
+            self.connection.channel(on_open_callback=self._on_channel)
+            return
+        self.declaring.queue_declare(self.unchecked[0], passive=True, callback=lambda _: self._checked())
+
+    def _checked(self) -> None:
+        self.unchecked.pop(0)
+        self._check_next()
+
+    def _on_declaring_closed(self, channel: Channel, reason: BaseException) -> None:
+        if self.declaring is not channel:
+            return  # closed by _check_next
+        self.declaring = None
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code == 404:
+            queue = self.unchecked[0]
+            self.connection.channel(on_open_callback=lambda fresh: self._create_lane(fresh, queue))
+        else:
+            self._fail(f"RabbitMQ refused to declare {self.unchecked[0]}: {reason}", 0)
+
+    def _create_lane(self, channel: Channel, queue: str) -> None:
+        self.declaring = channel
+        channel.add_on_close_callback(self._on_declaring_closed)
+        steps = [
+            _declare(channel, name, arguments)
+            for name, arguments in lane_declarations(queue, self.queue_type)
+        ]
+        _chain(steps, self._checked)
+
     def _on_channel(self, channel: Channel) -> None:
         self.channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
-        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _: self._declare())
-
-    def _declare(self) -> None:
-        assert self.channel is not None
-        queues = list(dict.fromkeys(queue for queue, _ in self.messages))
-        steps: list[_Step] = []
-        for queue in queues:
-            steps += [
-                _declare(self.channel, queue, queue_arguments(queue)),
-                _declare(self.channel, f"{queue}.DQ", queue_arguments(queue)),
-                _declare(self.channel, f"{queue}.XQ", {"x-message-ttl": DEAD_MESSAGE_TTL_MS}),
-            ]
-        _chain(steps, self._publish_more)
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _: self._publish_more())
 
     def _publish_more(self) -> None:
         assert self.channel is not None

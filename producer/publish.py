@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-import pika
 from pydantic import ValidationError
 
 from producer.confirms import ConfirmError, publish_confirmed
 from producer.envelope import encode, encode_job
+from producer.queues import QueueType, broker_parameters
 from schemas.constants import DEFAULT_MAX_JOB_BYTES
 from schemas.job import Job
 
@@ -91,25 +91,31 @@ def _validate_all(
     return jobs, errors
 
 
-def publish(jobs: Sequence[Job], *, broker_url: str, queue_prefix: str) -> list[UUID]:
+def publish(
+    jobs: Sequence[Job], *, broker_url: str, queue_prefix: str, queue_type: QueueType = "classic"
+) -> list[UUID]:
     """Publish ``jobs`` as persistent messages; returns their ids once the broker confirmed each.
 
     Confirms are collected in batches (many messages in flight), but nothing is
-    reported before the broker confirmed it.
+    reported before the broker confirmed it. ``broker_url`` may name several nodes of a
+    cluster, separated by ``;``: when one fails, the rest go to the next. ``queue_type`` is
+    the type a lane is declared with when it does not exist yet.
 
     Raises:
       PublishError: the broker is unreachable or refused a message; ``confirmed``
         lists the jobs confirmed before that (their ids are safe to report).
     """
     try:
-        _publish_encoded([encode_job(job, queue_prefix) for job in jobs], broker_url)
+        _publish_encoded([encode_job(job, queue_prefix) for job in jobs], broker_url, queue_type)
     except PublishError as e:
         confirmed = [job.job_id for job in jobs[: e.confirmed_count]]
         raise PublishError(str(e), confirmed_count=e.confirmed_count, confirmed=confirmed) from e
     return [job.job_id for job in jobs]
 
 
-def publish_messages(messages: Sequence[dict[str, Any]], *, broker_url: str) -> int:
+def publish_messages(
+    messages: Sequence[dict[str, Any]], *, broker_url: str, queue_type: QueueType = "classic"
+) -> int:
     """Publish ready dramatiq messages (jobs, replays) to their ``queue_name``, persistently,
     returning once the broker confirmed all of them; returns how many.
 
@@ -117,21 +123,21 @@ def publish_messages(messages: Sequence[dict[str, Any]], *, broker_url: str) -> 
       PublishError: the broker is unreachable or did not confirm a message;
         ``confirmed_count`` says how many leading messages it did confirm.
     """
-    _publish_encoded([(str(m["queue_name"]), encode(m)) for m in messages], broker_url)
+    _publish_encoded([(str(m["queue_name"]), encode(m)) for m in messages], broker_url, queue_type)
     return len(messages)
 
 
-def _publish_encoded(messages: list[tuple[str, bytes]], broker_url: str) -> None:
-    params = pika.URLParameters(broker_url)
-    params.connection_attempts = 1
-    params.socket_timeout = 10
-    # A broker under a memory or disk alarm blocks publishers; fail instead of waiting forever.
-    params.blocked_connection_timeout = 30
+def _publish_encoded(messages: list[tuple[str, bytes]], broker_url: str, queue_type: QueueType) -> None:
+    nodes = broker_parameters(broker_url)
+    for params in nodes:
+        params.connection_attempts = 1
+        params.socket_timeout = 10
+        # A broker under a memory or disk alarm blocks publishers; fail instead of waiting forever.
+        params.blocked_connection_timeout = 30
     try:
-        publish_confirmed(params, messages)
+        publish_confirmed(nodes, messages, queue_type=queue_type)
     except ConfirmError as e:
-        where = f"RabbitMQ at {params.host}:{params.port}"
-        raise PublishError(f"{e} ({where})", confirmed_count=e.confirmed) from e
+        raise PublishError(str(e), confirmed_count=e.confirmed) from e
 
 
 __all__ = ["InvalidLine", "PublishError", "parse_jobs", "publish", "publish_messages"]

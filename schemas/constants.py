@@ -53,6 +53,8 @@ def event_routing_key(tenant: str, doc_type: str, event_type: str) -> str:
 
 
 METRIC_QUEUE_OLDEST_AGE_SECONDS = "postbote_queue_oldest_age_seconds"
+METRIC_JOBS_PARKED = "postbote_jobs_parked"
+METRIC_TENANT_PAUSED_SECONDS = "postbote_tenant_paused_seconds"
 METRIC_DUPLICATES_PREVENTED = "postbote_duplicates_prevented_total"
 METRIC_POSSIBLE_DUPLICATES = "postbote_possible_duplicates_total"
 METRIC_RETRIES = "postbote_retries_total"
@@ -65,6 +67,8 @@ METRIC_THREAD_RESTARTS = "postbote_thread_restarts_total"
 METRIC_WEBHOOK_DELIVERIES = "postbote_webhook_deliveries_total"
 METRIC_EVENTS_PUBLISHED = "postbote_events_published_total"
 METRIC_EVENTS_LAG_SECONDS = "postbote_events_lag_seconds"
+METRIC_BOUNCES = "postbote_bounces_total"
+METRIC_LOGIN_FAILING = "postbote_login_failing"
 
 DEAD_LETTER_QUEUE_LABEL = "dead"
 """The ``queue`` label of the dead-letter store (the PostgreSQL table ``dead_letters``)."""

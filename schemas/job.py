@@ -8,7 +8,15 @@ from enum import StrEnum
 from typing import Annotated, Any
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from schemas.constants import DEFAULT_MAX_JOB_BYTES
 from schemas.fields import Address, HeaderText, Identifier, Text
@@ -105,6 +113,10 @@ class Job(_Model):
     subject: Annotated[HeaderText, Field(max_length=998)]
     body: Body
     attachments: Annotated[list[Attachment], Field(max_length=100)] = []
+    not_before: AwareDatetime | None = None
+    """Not sent before this time (ISO 8601 with offset): the job waits, ``scheduled``."""
+    expires_at: AwareDatetime | None = None
+    """Not sent after this time: a job still unsent then ends ``expired``."""
 
     @model_validator(mode="after")
     def _size_limit(self, info: ValidationInfo) -> Job:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -16,6 +16,10 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TokenHelper = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+"""The name of an operator-configured token command."""
+
+
 class Smtp(_Model):
     host: Annotated[HeaderText, Field(min_length=1, max_length=253)]
     port: Annotated[int, Field(ge=1, le=65535)] = 587
@@ -25,11 +29,22 @@ class Smtp(_Model):
     password_file: Path | None = None
     auth: Literal["password", "xoauth2"] = "password"
     token_file: Path | None = None
-    token_command: str | None = None
+    token_helper: TokenHelper | None = None
+    """The name of a token command the operator configured (``POSTBOTE_TOKEN_HELPERS``)."""
     helo: Annotated[HeaderText, Field(min_length=1, max_length=253)] | None = None
     ca_file: Path | None = None
     max_connections: Annotated[int, Field(ge=1, le=20)] = 3
     max_messages_per_connection: Annotated[int, Field(ge=1)] = 100
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_token_command(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "token_command" in data:
+            raise ValueError(
+                "token_command is not a tenant-file key: the operator names token commands in"
+                " POSTBOTE_TOKEN_HELPERS, and the tenant refers to one with token_helper"
+            )
+        return data
 
     @model_validator(mode="after")
     def _one_secret(self) -> Smtp:
@@ -38,8 +53,8 @@ class Smtp(_Model):
         if self.auth == "xoauth2":
             if self.user is None:
                 raise ValueError("auth xoauth2 needs user")
-            if (self.token_file is None) == (self.token_command is None):
-                raise ValueError("auth xoauth2 needs exactly one of token_file or token_command")
+            if (self.token_file is None) == (self.token_helper is None):
+                raise ValueError("auth xoauth2 needs exactly one of token_file or token_helper")
         return self
 
 
@@ -173,6 +188,63 @@ class Webhook(_Model):
     events: Annotated[list[EventType], Field(min_length=1)] | None = None
 
 
+class Imap(_Model):
+    """The mailbox the tenant's bounces arrive in (with Microsoft 365 or Gmail: the sender's own).
+
+    The login fields mean what they mean under ``smtp``. ``processed_folder``: where matched
+    reports are moved to; absent, they stay and are marked read. Other mail is never touched.
+    """
+
+    host: Annotated[HeaderText, Field(min_length=1, max_length=253)]
+    port: Annotated[int, Field(ge=1, le=65535)] = 993
+    security: Literal["ssl", "starttls", "none"] = "ssl"
+    user: HeaderText
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    auth: Literal["password", "xoauth2"] = "password"
+    token_file: Path | None = None
+    token_helper: TokenHelper | None = None
+    ca_file: Path | None = None
+    folder: Annotated[HeaderText, Field(min_length=1, max_length=255)] = "INBOX"
+    processed_folder: Annotated[HeaderText, Field(min_length=1, max_length=255)] | None = None
+    poll_ms: Annotated[int, Field(ge=1000, le=3600000)] = 60000
+    """How often the worker looks when the server offers no IDLE."""
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> Imap:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give either password or password_file, not both")
+        if self.auth == "xoauth2" and (self.token_file is None) == (self.token_helper is None):
+            raise ValueError("auth xoauth2 needs exactly one of token_file or token_helper")
+        return self
+
+
+class Bounces(_Model):
+    """Where bounces arrive, and what the SMTP transaction asks of the relay.
+
+    ``verp``: the envelope sender becomes ``bounce+<job>@<domain>`` (only where the relay lets
+    the tenant use its own return path; Microsoft 365 and Gmail do not). ``dsn``: where the server
+    offers DSN, ask for ``RET=HDRS``, ``ENVID``, ``NOTIFY=FAILURE,DELAY`` and ``ORCPT``.
+    """
+
+    imap: Imap | None = None
+    verp: Annotated[HeaderText, Field(pattern=r"^[A-Za-z0-9.-]+$", max_length=253)] | None = None
+    """The domain of the VERP return path; absent: no VERP."""
+    dsn: bool = False
+
+
+class Suppression(_Model):
+    """What happens to a job with a suppressed address, per document type: ``hold`` (default; the
+    job waits as ``held`` with an event) or ``send``."""
+
+    offer: Literal["hold", "send"] = "hold"
+    order: Literal["hold", "send"] = "hold"
+    invoice: Literal["hold", "send"] = "hold"
+    dunning: Literal["hold", "send"] = "hold"
+    receipt: Literal["hold", "send"] = "hold"
+    other: Literal["hold", "send"] = "hold"
+
+
 BrokerUser = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
 """A RabbitMQ user name."""
 
@@ -194,6 +266,8 @@ class Tenant(_Model):
     as ``publisher_not_permitted``. Absent: any publisher."""
     webhooks: Annotated[list[Webhook], Field(max_length=20)] = []
     """URLs that receive the tenant's delivery events over HTTP, each in the order they were written."""
+    bounces: Bounces = Bounces()
+    suppression: Suppression = Suppression()
 
     @model_validator(mode="after")
     def _references(self) -> Tenant:
@@ -224,14 +298,17 @@ class TenantFile(_Model):
 
 
 __all__ = [
+    "Bounces",
     "Dkim",
     "DkimKey",
     "DkimNextKey",
     "Employee",
     "Group",
+    "Imap",
     "Senders",
     "Series",
     "Smtp",
+    "Suppression",
     "Tenant",
     "TenantFile",
     "Webhook",

@@ -14,17 +14,23 @@ from typing import Any
 
 import pytest
 
+from tests.support.cluster import PostgresPair, RabbitmqCluster, kill_leftovers
+from tests.support.faults import PrivatePostgres, PrivateRabbitmq
 from tests.support.services import (
     BROKER_URL,
+    SECRETS_DIR,
     RunningWorker,
     add_tenant,
     database_url,
     delete_queues,
     isolated_settings,
+    secrets_key_file,
+    tenant_policy,
 )
 from worker.db import Connection, connect, drop_database, ensure_database, upgrade
 from worker.settings import Settings
 from worker.testbed.sink import RecordingHandler, Sink, free_port
+from worker.testbed.sink.slow import SlowHandler
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +50,9 @@ def settings() -> Iterator[Settings]:
         smtp_timeout_ms=5000,
         min_backoff_ms=200,
         max_backoff_ms=1000,
+        secrets_key_file=secrets_key_file(),
+        secrets_dir=SECRETS_DIR,
+        token_helpers={"test-token": f"cat {SECRETS_DIR}/postbote-test-token-{token}"},
     )
     yield test_settings
     delete_queues(test_settings)
@@ -98,7 +107,7 @@ def make_tenant(settings: Settings, sink: Sink, tmp_path: Path) -> Callable[...,
     """Create a tenant sending to the test's sink; returns its id (unique per test)."""
 
     def make(**fields: Any) -> str:
-        return add_tenant(settings.database_url, sink, tmp_path, **fields)
+        return add_tenant(settings.database_url, sink, tmp_path, policy=tenant_policy(settings), **fields)
 
     return make
 
@@ -107,5 +116,56 @@ def make_tenant(settings: Settings, sink: Sink, tmp_path: Path) -> Callable[...,
 def worker(settings: Settings) -> Iterator[RunningWorker]:
     """One worker for the run's ordinary end-to-end tests."""
     running = RunningWorker(settings, processes=1, threads=4)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def rabbitmq() -> Iterator[PrivateRabbitmq]:
+    """A private RabbitMQ node for the fault tests of one module (restarted, stopped at will)."""
+    node = PrivateRabbitmq()
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PrivatePostgres]:
+    """A private PostgreSQL cluster for the fault tests of one module."""
+    cluster = PrivatePostgres()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_cluster() -> Iterator[RabbitmqCluster]:
+    """Three private RabbitMQ nodes joined into a cluster, for the high-availability tests
+    (``-m ha``); what an earlier, crashed run left behind is killed first."""
+    kill_leftovers()
+    cluster = RabbitmqCluster(3)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="session")
+def ha_ledger(rabbitmq_cluster: RabbitmqCluster) -> Iterator[PostgresPair]:
+    """A private PostgreSQL (with an asynchronous standby) for the ledger of the high-availability
+    tests that break RabbitMQ; started after the cluster, which kills leftovers first."""
+    pair = PostgresPair(synchronous=False)
+    try:
+        yield pair
+    finally:
+        pair.close()
+
+
+@pytest.fixture
+def ha_sink(tmp_path: Path) -> Iterator[Sink]:
+    """A sink taking 20 ms per mail, so that jobs are in flight when something fails."""
+    running = Sink(tmp_path / "maildir", handler=SlowHandler(tmp_path / "maildir", delay_s=0.02))
     yield running
     running.stop()

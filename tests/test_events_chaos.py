@@ -40,15 +40,6 @@ JOBS = 2000
 TERMINAL = {"sent", "partial", "failed"}
 
 
-@pytest.fixture(scope="module")
-def rabbitmq() -> Iterator[PrivateRabbitmq]:
-    node = PrivateRabbitmq()
-    try:
-        yield node
-    finally:
-        node.close()
-
-
 def workload(tenant: str) -> list[dict[str, Any]]:
     """Mostly plain invoices; every 10th to a refused address, every 10th to a greylisting one,
     every 20th from a sender the user may not use."""

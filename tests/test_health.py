@@ -42,7 +42,9 @@ def test_other_paths_are_404(worker: RunningWorker) -> None:
 def test_check_exits_0_when_broker_and_database_answer(settings: Settings) -> None:
     result = postbote(settings, "check")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "broker and database reachable\n"
+    reachable, role = result.stdout.splitlines()[:2]
+    assert reachable == "broker and database reachable"
+    assert role.startswith("database role: ")
 
 
 def test_check_exits_1_naming_an_unreachable_database_without_a_traceback(settings: Settings) -> None:

@@ -63,6 +63,10 @@ def test_the_runtime_does_not_import_operator_tools_the_cli_or_the_testbed() -> 
     assert forbidden_imports("worker/runtime", OPERATOR_SIDE) == []
 
 
+def test_the_bounce_stages_do_not_import_operator_tools_the_cli_or_the_testbed() -> None:
+    assert forbidden_imports("worker/bounces", OPERATOR_SIDE) == []
+
+
 def test_relative_and_nested_imports_are_seen_as_the_modules_they_name() -> None:
     source = (
         "from ..ratelimit import SeriesLimiter\n"

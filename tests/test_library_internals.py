@@ -29,8 +29,12 @@ from packaging.requirements import Requirement
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
-from tests.support.services import BROKER_URL
+from tests.support.services import ADMIN_URL, BROKER_URL
 from worker.library_internals import (
+    PSYCOPG_WAIT_INTERVAL_S,
+    RABBITMQ_DECLARATIONS,
+    PsycopgWaitTimeout,
+    RabbitmqBrokerBase,
     RabbitmqConsumerBase,
     blank_dkim_b_tag,
     delivery_tag,
@@ -356,3 +360,51 @@ def test_aiosmtpd_calls_connection_made_again_after_starttls(
         sink.stop()
     internal = "aiosmtpd's SMTP.connection_made on STARTTLS (faults._ConnectionCountingSMTP counts on it)"
     assert [False, True] in transport_already_set.values(), changed(internal, "aiosmtpd")
+
+
+def test_dramatiqs_rabbitmq_broker_still_declares_a_lane_through_the_three_methods_the_worker_overrides() -> (
+    None
+):
+    internal = "dramatiq's RabbitmqBroker._declare_queue/_declare_dq_queue/_declare_xq_queue"
+    for name in RABBITMQ_DECLARATIONS:
+        assert parameters(getattr(RabbitmqBrokerBase, name)) == ["self", "queue_name"], changed(
+            internal, "dramatiq"
+        )
+        assert getattr(broker._Broker, name) is not getattr(RabbitmqBrokerBase, name)
+    declared: list[tuple[str, str]] = []
+
+    class Recording(RabbitmqBrokerBase):  # type: ignore[misc]
+        def _declare_queue(self, queue_name: str) -> None:
+            declared.append(("queue", queue_name))
+
+        def _declare_dq_queue(self, queue_name: str) -> None:
+            declared.append(("delay", queue_name))
+
+        def _declare_xq_queue(self, queue_name: str) -> None:
+            declared.append(("dead", queue_name))
+
+    recording = Recording(url=BROKER_URL)
+    recording.declare_queue("lane", ensure=True)  # the overrides touch no channel: nothing is declared
+    assert declared == [("queue", "lane"), ("delay", "lane"), ("dead", "lane")], changed(internal, "dramatiq")
+    assert "lane" not in recording.queues_pending, changed(internal, "dramatiq")
+
+
+def test_psycopg_still_waits_for_every_statement_through_connection_wait() -> None:
+    import psycopg
+
+    from worker.db import AnswerLimited
+
+    internal = "psycopg's Connection.wait(gen, interval, timeout) and errors._WaitTimeout"
+    assert parameters(psycopg.Connection.wait) == ["self", "gen", "interval", "timeout"], changed(
+        internal, "psycopg"
+    )
+    assert issubclass(PsycopgWaitTimeout, psycopg.OperationalError), changed(internal, "psycopg")
+    assert psycopg.Connection.wait.__defaults__ == (PSYCOPG_WAIT_INTERVAL_S, None), changed(
+        internal, "psycopg"
+    )
+    with AnswerLimited.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.answer_limit_s = 0.3
+        conn.execute("SELECT 1")
+        with pytest.raises(psycopg.OperationalError, match="did not answer within 0.3 s"):
+            conn.execute("SELECT pg_sleep(5)")
+        assert conn.closed, changed(internal, "psycopg")

@@ -36,24 +36,6 @@ class SlowGreylisting(RecipientRules):
         return await super().handle_DATA(server, session, envelope)
 
 
-@pytest.fixture(scope="module")
-def rabbitmq() -> Iterator[PrivateRabbitmq]:
-    node = PrivateRabbitmq()
-    try:
-        yield node
-    finally:
-        node.close()
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PrivatePostgres]:
-    cluster = PrivatePostgres()
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-
-
 @pytest.fixture
 def slow_sink(tmp_path: Path) -> Iterator[Sink]:
     sink = Sink(tmp_path / "maildir", handler=SlowGreylisting(tmp_path / "maildir"))

@@ -67,7 +67,7 @@ def test_throttled_jobs_wait_without_using_up_a_retry(
     finally:
         worker.stop()
     assert {(r["status"], r["attempts"]) for r in rows.values()} == {("sent", 1)}
-    assert "deferred_series" in worker.output()
+    assert "outcome=parked" in worker.output() or '"outcome": "parked"' in worker.output()
     assert oversized(arrivals(sink), batch_size=1, pause_ms=700) == []
 
 

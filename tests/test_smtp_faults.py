@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.support.faults import assert_sent_once_or_dead, dramatiq_message, publish_raw
-from tests.support.ledger import dead_reasons, recipient_states, wait_dead, wait_final
+from tests.support.ledger import dead_reasons, recipient_states, wait_dead, wait_final, wait_status
 from tests.support.services import RunningWorker, delete_queues, isolated_settings, send_jobs
 from worker.db import Connection
 from worker.settings import Settings
@@ -263,9 +263,10 @@ def test_a_certificate_that_does_not_verify_fails_closed_with_no_auth_and_no_mai
     untrusted = tenant_on(make_tenant, sink, **login)
     trusted = tenant_on(make_tenant, sink, **login, ca_file=str(cert))
     [refused_id] = send_jobs(fault_settings, invoices(untrusted, 1))
-    rows = assert_sent_once_or_dead(db, [refused_id], sink.handler)
-    assert rows[refused_id]["reason"] == "tls_verify_failed"
-    assert rows[refused_id]["attempts"] == 1
+    held = wait_status(db, refused_id, "held")
+    assert held["reason"] == "login_failing"
+    breaker = db.execute("SELECT reason FROM login_breakers WHERE tenant_id = %s", (untrusted,)).fetchone()
+    assert breaker == {"reason": "tls_verify_failed"}
     assert logins.attempts == []
     assert sink.handler.mail_commands == []
     assert "geheim" not in fault_worker.output()

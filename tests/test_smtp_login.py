@@ -28,8 +28,14 @@ def deliver(sink: Sink, **fields: Any) -> Delivery:
     return deliver_to(sink.port, **fields)
 
 
-def deliver_to(port: int, **fields: Any) -> Delivery:
-    pool = SmtpPool(timeout_ms=5000)
+def deliver_to(
+    port: int, *, helper: str | None = None, helper_timeout_s: float = 30.0, **fields: Any
+) -> Delivery:
+    """Send through a pool; ``helper`` is the operator's token command the tenant names as ``token_helper``."""
+    helpers = oauth.TokenHelpers({"helper": helper}, helper_timeout_s) if helper is not None else None
+    if helper is not None:
+        fields["token_helper"] = "helper"
+    pool = SmtpPool(timeout_ms=5000, token_helpers=helpers)
     try:
         return pool.deliver("acme", Smtp(host="127.0.0.1", port=port, user=USER, **fields), MESSAGE)
     finally:
@@ -94,9 +100,9 @@ def test_xoauth2_with_a_token_file_sends_exactly_the_sasl_string_providers_expec
     assert delivery.auth_method == "XOAUTH2"
 
 
-def test_xoauth2_with_a_token_command_uses_what_the_command_prints(tmp_path: Path) -> None:
+def test_xoauth2_with_a_token_helper_uses_what_the_operators_command_prints(tmp_path: Path) -> None:
     with running(tmp_path) as sink:
-        delivery = deliver(sink, security="none", auth="xoauth2", token_command=f"echo '{TOKEN}'")
+        delivery = deliver(sink, security="none", auth="xoauth2", helper=f"echo '{TOKEN}'")
         assert attempts(sink) == [("XOAUTH2", USER, True)]
     assert delivery.auth_method == "XOAUTH2"
 
@@ -104,7 +110,7 @@ def test_xoauth2_with_a_token_command_uses_what_the_command_prints(tmp_path: Pat
 def test_a_refused_token_fails_permanently_with_the_servers_error_but_never_the_token(tmp_path: Path) -> None:
     stale = "ya29.STALE-0000_token"
     with running(tmp_path) as sink:
-        error = refused(sink, security="none", auth="xoauth2", token_command=f"echo {stale}")
+        error = refused(sink, security="none", auth="xoauth2", helper=f"echo {stale}")
         assert attempts(sink) == [("XOAUTH2", USER, False)]
     assert isinstance(error, SmtpRejected)
     assert error.reason == "smtp_auth_failed"
@@ -113,7 +119,7 @@ def test_a_refused_token_fails_permanently_with_the_servers_error_but_never_the_
     assert TOKEN not in str(error)
 
 
-def test_a_failing_token_command_is_transient_and_is_run_before_connecting(
+def test_a_failing_token_helper_is_transient_and_is_run_before_connecting(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(TransientError) as caught:
@@ -121,29 +127,24 @@ def test_a_failing_token_command_is_transient_and_is_run_before_connecting(
             free_port(),
             security="none",
             auth="xoauth2",
-            token_command="echo 'refresh token expired' >&2; exit 3",
+            helper="echo 'refresh token expired' >&2; exit 3",
         )
     assert caught.value.reason == "oauth_token_unavailable"
     assert "status 3" in str(caught.value)
     assert "refresh token expired" in capfd.readouterr().err
 
 
-def test_a_hanging_token_command_is_stopped_with_its_children(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(oauth, "TOKEN_COMMAND_TIMEOUT_S", 0.5)
+def test_a_hanging_token_helper_is_stopped_with_its_children(tmp_path: Path) -> None:
     started = time.monotonic()
     with running(tmp_path) as sink, pytest.raises(TransientError) as caught:
-        deliver(sink, security="none", auth="xoauth2", token_command=f"sleep 30; echo {TOKEN}")
+        deliver(sink, security="none", auth="xoauth2", helper=f"sleep 30; echo {TOKEN}", helper_timeout_s=0.5)
     assert caught.value.reason == "oauth_token_unavailable"
     assert time.monotonic() - started < 10
 
 
-def test_a_token_command_printing_json_is_refused_without_echoing_it(tmp_path: Path) -> None:
+def test_a_token_helper_printing_json_is_refused_without_echoing_it(tmp_path: Path) -> None:
     with running(tmp_path) as sink, pytest.raises(ConfigurationError) as caught:
-        deliver(
-            sink, security="none", auth="xoauth2", token_command=f"""echo '{{"access_token": "{TOKEN}"}}'"""
-        )
+        deliver(sink, security="none", auth="xoauth2", helper=f"""echo '{{"access_token": "{TOKEN}"}}'""")
     assert caught.value.reason == "oauth_token_invalid"
     assert TOKEN not in str(caught.value)
 
@@ -153,3 +154,38 @@ def test_a_server_that_offers_no_auth_is_a_permanent_failure_not_a_connection_pr
     assert isinstance(error, SmtpRejected)
     assert error.reason == "smtp_auth_unavailable"
     assert "offers no AUTH on this unencrypted connection" in str(error)
+
+
+def test_a_token_helper_runs_without_the_workers_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POSTBOTE_DATABASE_URL", "postgresql://postbote:geheim@db/postbote")
+    seen = tmp_path / "env"
+    with running(tmp_path) as sink:
+        deliver(sink, security="none", auth="xoauth2", helper=f"env > {seen}; echo '{TOKEN}'")
+    env = dict(line.split("=", 1) for line in seen.read_text().splitlines() if "=" in line)
+    assert "geheim" not in seen.read_text()
+    assert env["POSTBOTE_SMTP_USER"] == USER
+    assert not {k for k in env if k.startswith("POSTBOTE_")} - {"POSTBOTE_SMTP_USER"}
+
+
+def test_a_token_helper_printing_without_end_is_stopped_at_the_output_limit(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with running(tmp_path) as sink:
+        with pytest.raises(TransientError) as caught:
+            deliver(sink, security="none", auth="xoauth2", helper="yes", helper_timeout_s=20)
+        assert attempts(sink) == []
+    assert f"more than {oauth.MAX_TOKEN_OUTPUT_BYTES} bytes" in str(caught.value)
+    assert time.monotonic() - started < 15
+
+
+def test_a_token_helper_the_operator_did_not_configure_is_a_configuration_error(sink: Sink) -> None:
+    pool = SmtpPool(timeout_ms=5000, token_helpers=oauth.TokenHelpers({"other": "true"}))
+    smtp = Smtp(
+        host="127.0.0.1", port=sink.port, user=USER, security="none", auth="xoauth2", token_helper="nope"
+    )
+    try:
+        with pytest.raises(ConfigurationError, match="not one of this host's POSTBOTE_TOKEN_HELPERS"):
+            pool.deliver("acme", smtp, MESSAGE)
+    finally:
+        pool.close()

@@ -33,6 +33,7 @@ from tests.support.services import (
 )
 from tests.support.smtp import received_messages
 from worker.db import (
+    KEEPALIVES,
     Connection,
     connect,
     drop_database,
@@ -312,8 +313,8 @@ def test_connections_have_keepalives_a_statement_timeout_and_no_prepared_stateme
         params = conn.info.get_parameters()
         assert (params["keepalives"], params["keepalives_idle"], params["keepalives_count"]) == (
             "1",
-            "30",
-            "3",
+            str(KEEPALIVES["keepalives_idle"]),
+            str(KEEPALIVES["keepalives_count"]),
         )
         assert conn.prepare_threshold is None
         assert conn.execute("SHOW statement_timeout").fetchone() == {"statement_timeout": "150ms"}

@@ -10,7 +10,7 @@ from typing import Any
 
 from tests.support.auth_sinks import PASSWORD, TOKEN, USER, attempts, certificates, running, smtp_settings
 from tests.support.dkim import dkimpy_verify
-from tests.support.services import postbote
+from tests.support.services import helper_token_file, postbote
 from tests.support.smtp import received_messages
 from worker.settings import Settings
 from worker.testbed.sink import Sink, free_port
@@ -153,14 +153,15 @@ def test_a_server_without_starttls_is_refused_with_the_port_hints(
     assert sink.handler.received == []
 
 
-def test_xoauth2_with_a_token_file_and_with_a_token_command_sends(
+def test_xoauth2_with_a_token_file_and_with_a_token_helper_sends(
     settings: Settings, make_tenant: MakeTenant, tmp_path: Path
 ) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
+    helper_token_file(settings).write_text(TOKEN + "\n")
     tls = certificates(tmp_path)
     with running(tmp_path, tls=tls) as auth_sink:
-        sources = [{"token_file": str(token_file)}, {"token_command": f"cat {token_file}"}]
+        sources = [{"token_file": str(token_file)}, {"token_helper": "test-token"}]
         for source in sources:
             tenant = make_tenant(
                 smtp=smtp_settings(
@@ -179,9 +180,10 @@ def test_a_refused_token_fails_permanently_with_the_token_hints_and_never_prints
     settings: Settings, make_tenant: MakeTenant, tmp_path: Path
 ) -> None:
     expired = "ya29.EXPIRED-77aa_token"
+    helper_token_file(settings).write_text(expired)
     with running(tmp_path) as auth_sink:
         tenant = make_tenant(
-            smtp=smtp_settings(auth_sink, security="none", auth="xoauth2", token_command=f"echo {expired}")
+            smtp=smtp_settings(auth_sink, security="none", auth="xoauth2", token_helper="test-token")
         )
         result = run_test_mail(settings, tenant)
         assert attempts(auth_sink) == [("XOAUTH2", USER, False)]

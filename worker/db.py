@@ -1,21 +1,27 @@
 """PostgreSQL connections and migrations. psycopg errors become ``DatabaseUnavailable`` here.
 
 Every connection postbote opens for its own work has TCP keepalives and a user timeout
-(a server that vanished in an unclean failover is noticed within about a minute, not the
-kernel's quarter of an hour), a ``statement_timeout``, and no server-side prepared
+(a server that vanished in an unclean failover is noticed within seconds, not the
+kernel's quarter of an hour), a ``statement_timeout``, a limit on how long the client waits
+for any answer (a server that is stopped but not gone, whose kernel still acknowledges every
+packet, defeats keepalives; see ``AnswerLimited``), and no server-side prepared
 statements (PgBouncer in transaction mode hands each transaction to another server
 session, where a statement prepared in an earlier one does not exist).
+
+``database_url`` may be a libpq multi-host URL; with ``target_session_attrs=read-write`` a
+new connection finds the primary among the hosts (docs/high-availability.md). A connection
+that still lands on a read-only server (a standby) is an outage, never a failed job.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg.conninfo
@@ -24,6 +30,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from worker.errors import DatabaseUnavailable
+from worker.library_internals import PSYCOPG_WAIT_INTERVAL_S, PsycopgWaitTimeout
 from worker.settings import DEFAULT_STATEMENT_TIMEOUT_MS
 
 # deploy/migrations, reached through the worker/migrations link (copied into wheels).
@@ -33,13 +40,58 @@ Connection = psycopg.Connection[dict[str, Any]]
 
 KEEPALIVES: dict[str, int] = {
     "keepalives": 1,
-    "keepalives_idle": 30,
-    "keepalives_interval": 10,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
     "keepalives_count": 3,
     # Keepalives only probe an idle connection; this bounds a statement sent to a dead peer.
-    "tcp_user_timeout": 60_000,
+    "tcp_user_timeout": 20_000,
 }
-"""libpq options of every connection, unless the database URL sets them itself."""
+"""libpq options of every connection, unless the database URL sets them itself: an idle
+connection to a vanished server is dropped after 10 + 3 × 5 = 25 s, a busy one after 20 s
+without an acknowledgement."""
+
+ANSWER_GRACE_MS = 5000
+"""How much longer than ``statement_timeout`` the client waits for the server's answer before
+it closes the connection itself (the server cancels a statement at ``statement_timeout``)."""
+
+Row = TypeVar("Row")
+
+
+class AnswerLimited(psycopg.Connection[Row]):
+    """A connection that stops waiting for the server after ``answer_limit_s`` seconds.
+
+    A server stopped without closing its sockets (a frozen VM, a ``SIGSTOP``, a network
+    partition behind a proxy) never answers, while its kernel, or the proxy, acknowledges what
+    the client sends: neither keepalives nor ``tcp_user_timeout`` fire, and a thread would wait
+    forever. Past the limit the connection is closed and ``psycopg.OperationalError`` raised,
+    which ``translated_errors`` reports as an outage. ``None``: no limit.
+    """
+
+    answer_limit_s: float | None = None
+    on_unanswered: Callable[[], None] | None = None
+    """Called after the limit closed this connection: its pool drops the other connections to
+    the same server, which would each make a thread wait the limit again."""
+
+    def wait(self, gen: Any, interval: float = PSYCOPG_WAIT_INTERVAL_S, timeout: float | None = None) -> Any:
+        limit = self.answer_limit_s
+        if limit is None or timeout is not None:
+            return super().wait(gen, interval, timeout)
+        try:
+            return super().wait(gen, interval, limit)
+        except PsycopgWaitTimeout as e:
+            self.close()
+            if self.on_unanswered is not None:
+                self.on_unanswered()
+            raise psycopg.OperationalError(
+                f"the server did not answer within {limit:g} s; connection closed"
+            ) from e
+
+
+def answer_limit_s(statement_timeout_ms: int) -> float | None:
+    """How long a connection with ``statement_timeout_ms`` waits for an answer (``None``: no
+    statement timeout, so no limit either)."""
+    return (statement_timeout_ms + ANSWER_GRACE_MS) / 1000 if statement_timeout_ms > 0 else None
+
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
@@ -84,7 +136,7 @@ def connect(
 ) -> Connection:
     """One connection with dict rows; ``DatabaseUnavailable`` when the server cannot be reached."""
     try:
-        return psycopg.connect(
+        conn: AnswerLimited[dict[str, Any]] = AnswerLimited.connect(
             database_url,
             autocommit=autocommit,
             row_factory=dict_row,
@@ -92,6 +144,8 @@ def connect(
         )
     except psycopg.OperationalError as e:
         raise DatabaseUnavailable(f"database unreachable: {_first_line(e)}") from e
+    conn.answer_limit_s = answer_limit_s(statement_timeout_ms)
+    return conn
 
 
 def make_pool(
@@ -106,15 +160,25 @@ def make_pool(
     when it comes back to the pool, so the next one may find the new primary.
     """
     kwargs = connection_kwargs(database_url, statement_timeout_ms=statement_timeout_ms)
-    return ConnectionPool(
+    limit = answer_limit_s(statement_timeout_ms)
+
+    def configure(conn: Connection) -> None:
+        if isinstance(conn, AnswerLimited):
+            conn.answer_limit_s = limit
+            conn.on_unanswered = pool.drain
+
+    pool: ConnectionPool[Connection] = ConnectionPool(
         database_url,
+        connection_class=AnswerLimited,
         min_size=0,
         max_size=max(1, max_size),
         kwargs={"row_factory": dict_row, "autocommit": True, **kwargs},
+        configure=configure,
         reset=_drop_if_read_only,
         open=True,
         name="postbote",
     )
+    return pool
 
 
 def _drop_if_read_only(conn: Connection) -> None:
@@ -217,6 +281,8 @@ def upgrade(conn: Connection, directory: Path = MIGRATIONS_DIR) -> list[str]:
     recorded migration whose file changed since is an error, not silently skipped.
     """
     applied: list[str] = []
+    if isinstance(conn, AnswerLimited):
+        conn.answer_limit_s = None  # a migration may take longer than any statement of the job path
     with conn.transaction():
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -252,8 +318,11 @@ def _first_line(error: BaseException) -> str:
 
 
 __all__ = [
+    "ANSWER_GRACE_MS",
     "KEEPALIVES",
+    "AnswerLimited",
     "Connection",
+    "answer_limit_s",
     "connect",
     "connection_kwargs",
     "drop_database",

@@ -110,6 +110,19 @@ class Throttled(PostboteError):
         self.retry_in_ms = retry_in_ms
 
 
+class MustWait(PostboteError):
+    """The job may not go out now, and that is no failure: the pipeline parks it in PostgreSQL
+    with ``reason`` and ``status`` (``held`` or ``scheduled``, or ``retrying`` for a series
+    wait), acknowledges the message and republishes it when due (``wait_ms``; ``None`` until
+    something releases it). No attempt is used.
+    """
+
+    def __init__(self, message: str, *, reason: Reason, status: str, wait_ms: int | None) -> None:
+        super().__init__(message, reason=reason)
+        self.status = status
+        self.wait_ms = wait_ms
+
+
 class InternalError(PermanentError):
     """Something no stage foresaw (a bug, or an input nothing checked): the job is recorded and
     dead-lettered with the exception, for a replay once the cause is fixed."""

@@ -29,6 +29,13 @@ dramatiq
   Guarded by ``T::test_dramatiqs_rabbitmq_consumer_still_has_what_the_worker_overrides_and_uses``,
   ``T::test_dramatiqs_rabbitmq_consumer_still_reads_deliveries_as_the_worker_does``
   and ``tests/test_broker_acks.py``, ``tests/test_hostile_messages.py``.
+  ``RabbitmqBrokerBase``: ``dramatiq.brokers.rabbitmq.RabbitmqBroker``, subclassed by
+  ``broker._Broker``, which overrides the private ``_declare_queue``, ``_declare_dq_queue`` and
+  ``_declare_xq_queue`` (each takes the canonical queue name; ``_ensure_queue`` calls all three
+  for every queue still in ``queues_pending``) so that the queues carry postbote's arguments
+  (quorum queues, ``producer.queues``), and uses the ``channel`` property. Guarded by
+  ``T::test_dramatiqs_rabbitmq_broker_still_declares_a_lane_through_the_three_methods_the_worker_overrides``
+  and ``tests/test_queue_types.py``.
   ``delivery_tag``: ``_RabbitmqMessage._tag``. Used by ``broker._BatchedAcks``. Guarded by
   ``T::test_dramatiqs_rabbitmq_messages_still_carry_their_delivery_tag``.
   ``rabbitmq_message``: builds a ``_RabbitmqMessage(redelivered, tag, message)``, what
@@ -45,6 +52,13 @@ dramatiq
   the canonical queue (``worker/runtime/seal.py``, ``broker._GuardedConsumer``). Guarded by
   ``tests/test_seal.py::test_a_delayed_message_is_sealed_with_its_eta_and_delay_queue`` and
   ``tests/test_hostile_messages.py``.
+
+psycopg
+  ``AnswerLimited.wait`` in ``worker/db.py`` overrides ``psycopg.Connection.wait(gen, interval,
+  timeout)``, through which every statement, commit and rollback of a connection waits for the
+  server (``timeout`` raises the private ``psycopg.errors._WaitTimeout``, here
+  ``PsycopgWaitTimeout``; ``PSYCOPG_WAIT_INTERVAL_S`` is psycopg's default ``interval``).
+  Guarded by ``T::test_psycopg_still_waits_for_every_statement_through_connection_wait``.
 
 dkimpy (none of these is in ``dkim.__all__``), used by ``worker/job/signature.py``, which
 mirrors dkimpy's ``DKIM.sign`` step by step; ``tests/test_dkim_signing.py`` compares the
@@ -104,10 +118,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import dkim
 import pika.channel
+import psycopg.errors
 from dkim.canonicalization import CanonicalizationPolicy
 from dramatiq import Message, Worker
 from dramatiq.broker import MessageProxy
-from dramatiq.brokers.rabbitmq import _RabbitmqConsumer, _RabbitmqMessage
+from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer, _RabbitmqMessage
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
@@ -135,6 +150,12 @@ def underlying_channel(channel: BlockingChannel) -> pika.channel.Channel:
 
 # dramatiq
 
+RabbitmqBrokerBase = RabbitmqBroker
+"""dramatiq's RabbitMQ broker, to subclass with postbote's queue declarations."""
+
+RABBITMQ_DECLARATIONS = ("_declare_queue", "_declare_dq_queue", "_declare_xq_queue")
+"""The methods of ``RabbitmqBroker`` that declare a lane's queues, which ``broker._Broker`` overrides."""
+
 RabbitmqConsumerBase = _RabbitmqConsumer
 """dramatiq's RabbitMQ consumer, to subclass; ``RabbitmqBroker.consumer_class`` returns it."""
 
@@ -152,6 +173,15 @@ def rabbitmq_message(redelivered: bool, tag: int, message: Message[Any]) -> Mess
 def set_delay_prefetch(worker: Worker, count: int) -> None:
     """Have ``worker``'s delay-queue consumers prefetch ``count`` messages; call before ``start()``."""
     worker.delay_prefetch = count
+
+
+# psycopg
+
+PsycopgWaitTimeout: type[psycopg.OperationalError] = psycopg.errors._WaitTimeout
+"""What ``psycopg.Connection.wait`` raises when its ``timeout`` passed."""
+
+PSYCOPG_WAIT_INTERVAL_S = 0.1
+"""``psycopg.connection._WAIT_INTERVAL``, the default ``interval`` of ``Connection.wait``."""
 
 
 # dkimpy
@@ -224,6 +254,10 @@ def unread_input(server: SmtpServer) -> bytes:
 
 
 __all__ = [
+    "PSYCOPG_WAIT_INTERVAL_S",
+    "PsycopgWaitTimeout",
+    "RABBITMQ_DECLARATIONS",
+    "RabbitmqBrokerBase",
     "RabbitmqConsumerBase",
     "blank_dkim_b_tag",
     "delivery_tag",

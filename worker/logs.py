@@ -116,7 +116,7 @@ OUTCOME_FIELDS = ("job_id", "tenant", "document", "sender", "reason", "smtp_repl
 """The fields every outcome line has (``null`` in JSON, left out in text, when they do not apply)."""
 
 
-_QUIET = frozenset({LogOutcome.SENT, LogOutcome.DUPLICATE_PREVENTED, LogOutcome.DEFERRED_SERIES})
+_QUIET = frozenset({LogOutcome.SENT, LogOutcome.DUPLICATE_PREVENTED, LogOutcome.PARKED})
 
 
 def log_outcome(outcome: LogOutcome, **fields: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -27,6 +28,10 @@ class Settings(BaseSettings):
     interface, which containers need; ``127.0.0.1`` keeps them on the host)."""
     metrics_port: int = 9191
     queue_prefix: str = Field("postbote", pattern=r"^[A-Za-z0-9_.-]*$")
+    queue_type: Literal["classic", "quorum"] = "classic"
+    """The RabbitMQ type postbote declares its queues with: ``quorum`` replicates them over a
+    majority of a cluster's nodes (docs/high-availability.md); every worker and producer of an
+    installation must name the same type, and ``postbote queues migrate`` changes it."""
     log_format: Literal["text", "json"] = "text"
 
     max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
@@ -38,6 +43,14 @@ class Settings(BaseSettings):
     shutdown_grace_ms: int = Field(60000, gt=0)
     series_lease_ms: int = Field(90000, gt=0)
     series_max_wait_ms: int = Field(10000, ge=0)
+    series_park_after_ms: int = Field(1000, ge=0)
+    """A bulk job whose series slot is further away than this is parked in PostgreSQL (and
+    republished about this long before the slot) instead of waiting in a worker thread."""
+    tenant_threads: int = Field(0, ge=0)
+    """The most bulk threads of a worker process one throttled tenant's jobs may hold at once
+    while they wait for their series slot; the others are parked. 0: half the bulk threads."""
+    release_interval_ms: int = Field(500, gt=0)
+    """How often the supervisor republishes parked jobs that are due."""
     queue_stats_interval_ms: int = Field(15000, gt=0)
     delay_prefetch: int = Field(100, ge=1)
     """Delayed messages (retries, deferrals) each lane's ``.DQ`` consumer holds until they are
@@ -67,6 +80,27 @@ class Settings(BaseSettings):
     """Published delivery events older than this are deleted from the outbox (the ``events``
     table), a few thousand at a time; ``postbote events tail`` and ``replay`` reach back this
     far. 0 keeps them forever."""
+
+    secrets_key_file: Path | None = None
+    """The key ring that seals inline secrets (``password``, ``private_key``) in the database:
+    one key per line, the first seals, all unseal (``postbote secrets keygen``). Without it,
+    inline secrets are refused."""
+    secrets_dir: str | None = None
+    """Every ``*_file`` path of a tenant file must resolve inside this directory; ``{tenant}`` in
+    it stands for the tenant's id (one directory per tenant). Without it, ``*_file`` paths are refused."""
+    token_helpers: dict[str, str] = {}
+    """Token commands by name (JSON object), the only commands a tenant's ``token_helper`` may
+    name; run without the worker's environment, with a timeout and an output limit."""
+    token_helper_timeout_ms: int = Field(30000, gt=0)
+    retention_days: int = Field(30, ge=0)
+    """Bodies, attachments and addresses of jobs that ended longer ago are removed from the ledger
+    and the outbox (ids, tenant, document, status, reason and times stay). 0 keeps them forever."""
+    dead_letter_retention_days: int = Field(90, ge=0)
+    """The same for dead-letter entries (until then ``postbote dlq replay`` can send them). 0:
+    kept until purged."""
+    login_hold_ms: int = Field(300000, gt=0)
+    """After a refused login or a certificate that does not verify, a tenant's jobs wait this long
+    (held, ``login_failing``) before one of them tries again."""
 
     webhook_retry_hours: float = Field(24, gt=0)
     """How long a webhook's refused event is retried (from its first failed attempt) before it is

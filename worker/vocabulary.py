@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from schemas.event import EventType
+
 
 class Status(StrEnum):
     """A job's status in the delivery ledger."""
@@ -14,9 +16,17 @@ class Status(StrEnum):
     """Claimed by a worker; SMTP under way."""
     RETRYING = "retrying"
     """A later attempt is due (``next_attempt_at``)."""
+    HELD = "held"
+    """Parked in PostgreSQL until an operator or the cause releases it (a pause, a suppressed
+    address, a failing login)."""
+    SCHEDULED = "scheduled"
+    """Parked until its ``not_before``."""
     SENT = "sent"
     PARTIAL = "partial"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    """Not sent by its ``expires_at``."""
 
     @property
     def final(self) -> bool:
@@ -28,7 +38,7 @@ class Status(StrEnum):
         return self in DELIVERED
 
 
-FINAL = frozenset({Status.SENT, Status.PARTIAL, Status.FAILED})
+FINAL = frozenset({Status.SENT, Status.PARTIAL, Status.FAILED, Status.CANCELLED, Status.EXPIRED})
 DELIVERED = frozenset({Status.SENT, Status.PARTIAL})
 
 
@@ -53,6 +63,10 @@ class RecipientState(StrEnum):
     PENDING = "pending"
     ACCEPTED = "accepted"
     REFUSED = "refused"
+    BOUNCED = "bounced"
+    """Accepted, then reported undeliverable by a bounce."""
+    SUPPRESSED = "suppressed"
+    """Not tried: the address is on the tenant's suppression list."""
 
 
 class Reason(StrEnum):
@@ -100,20 +114,20 @@ class Reason(StrEnum):
     MAX_AGE_EXCEEDED = "max_age_exceeded"
     THROTTLED = "throttled"
     REPLAYED = "replayed"
+    # operator control and parking
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    SCHEDULED = "scheduled"
+    SERIES = "series"
+    """Parked: the tenant's next series slot is further away than a consumer should wait."""
+    BOUNCED = "bounced"
+    SUPPRESSED = "suppressed"
+    LOGIN_FAILING = "login_failing"
+    """Held: the tenant's SMTP login or TLS verification failed recently (circuit breaker)."""
     UNSTORABLE = "unstorable"
     """Named in a dead-letter entry's detail (the entry keeps the reason the job died for):
     PostgreSQL refused the message as JSON, so it is kept as raw bytes."""
-
-
-class EventType(StrEnum):
-    """The ``type`` of a delivery event (``<prefix>.events``)."""
-
-    RETRYING = "retrying"
-    SENT = "sent"
-    PARTIAL = "partial"
-    FAILED = "failed"
-    DEAD = "dead"
-    REPLAYED = "replayed"
 
 
 class LogOutcome(StrEnum):
@@ -123,8 +137,12 @@ class LogOutcome(StrEnum):
     PARTIAL = "partial"
     FAILED = "failed"
     RETRYING = "retrying"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    PARKED = "parked"
+    STOPPED = "stopped"
+    """The last check before DATA found the job ended or claimed by another worker."""
     DUPLICATE_PREVENTED = "duplicate_prevented"
-    DEFERRED_SERIES = "deferred_series"
 
 
 __all__ = [

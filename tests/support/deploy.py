@@ -22,7 +22,15 @@ KNOWN_METRICS = frozenset(
 )
 # Their types, which the names alone do not tell: a histogram has no series of
 # its own name, only _bucket/_sum/_count.
-GAUGES = frozenset({"postbote_queue_messages", "postbote_queue_oldest_age_seconds"})
+GAUGES = frozenset(
+    {
+        "postbote_queue_messages",
+        "postbote_queue_oldest_age_seconds",
+        "postbote_login_failing",
+        "postbote_jobs_parked",
+        "postbote_tenant_paused_seconds",
+    }
+)
 COUNTERS = frozenset(m for m in KNOWN_METRICS if m.endswith("_total"))
 HISTOGRAMS = KNOWN_METRICS - GAUGES - COUNTERS
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")

@@ -21,12 +21,11 @@ import pika
 
 from producer.queues import declare_queues
 from schemas.constants import DOCUMENTS_QUEUE, queue_name
+from tests.support.cluster import RabbitmqNode
 from tests.support.ledger import dead_reasons, recipient_states, wait_final
 from worker.db import Connection
 from worker.settings import Settings
 from worker.testbed.sink import RecordingHandler, free_port
-
-RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 
 
 class PrivateRabbitmq:
@@ -38,71 +37,38 @@ class PrivateRabbitmq:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="pbfault-rmq-"))
         self.dir.chmod(0o755)
-        self.port = free_port()
-        self.node = f"pbfault-{uuid.uuid4().hex[:8]}@localhost"
-        (self.dir / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
-        (self.dir / "enabled_plugins").write_text("[].\n")
-        (self.dir / "rabbitmq-env.conf").write_text("")
         shutil.chown(self.dir, "rabbitmq", "rabbitmq")
-        for path in self.dir.iterdir():
-            shutil.chown(path, "rabbitmq", "rabbitmq")
-        env = {
-            "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(free_port()),
-            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
-            "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
-            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
-            "RABBITMQ_PID_FILE": str(self.dir / "pid"),
-        }
-        self._as_rabbitmq(str(RABBITMQ_BIN / "rabbitmq-server"), "-detached", env=env)
-        self._await_startup()
+        self.node = RabbitmqNode(self.dir, f"pbfault-{uuid.uuid4().hex[:8]}")
+        try:
+            self.node.start()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def port(self) -> int:
+        return self.node.port
 
     @property
     def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        return self.node.url
 
     def ctl(self, *args: str) -> None:
-        self._as_rabbitmq(str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args)
+        self.node.ctl(*args)
 
     def stop_app(self) -> None:
         self.ctl("stop_app")
 
     def start_app(self) -> None:
         self.ctl("start_app")
-        self._await_startup()
+        self.ctl("await_startup", "--timeout", "90")
 
     def close(self) -> None:
         try:
             self.ctl("stop")
-        except subprocess.CalledProcessError:
-            pid = (self.dir / "pid").read_text().strip() if (self.dir / "pid").exists() else ""
-            if pid:
-                subprocess.run(["kill", "-9", pid], check=False)
+        except (subprocess.CalledProcessError, OSError):
+            self.node.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _await_startup(self) -> None:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                self.ctl("await_startup", "--timeout", "30")
-                return
-            except subprocess.CalledProcessError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-
-    @staticmethod
-    def _as_rabbitmq(*command: str, env: dict[str, str] | None = None) -> None:
-        settings = [f"{k}={v}" for k, v in (env or {}).items()]
-        subprocess.run(
-            ["runuser", "-u", "rabbitmq", "--", "env", "HOME=/var/lib/rabbitmq", *settings, *command],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
 
 
 class PrivatePostgres:

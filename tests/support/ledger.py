@@ -14,7 +14,7 @@ def wait_final(db: Connection, job_ids: list[str], timeout: float = 60) -> dict[
     rows: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline:
         found = db.execute(
-            "SELECT * FROM deliveries WHERE job_id = ANY(%s::uuid[]) AND status IN ('sent', 'partial', 'failed')",
+            "SELECT * FROM deliveries WHERE job_id = ANY(%s::uuid[]) AND status IN ('sent', 'partial', 'failed', 'cancelled', 'expired')",
             (job_ids,),
         ).fetchall()
         rows = {str(r["job_id"]): r for r in found}

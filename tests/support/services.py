@@ -3,10 +3,12 @@ the ``postbote`` CLI and ``postbote worker`` as subprocesses, jobs published thr
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,13 +22,42 @@ from producer import publish
 from schemas.constants import events_exchange, lane_queues
 from schemas.job import Job
 from worker.db import connect
+from worker.runtime.secrets_box import generate_key, load_key_ring
 from worker.settings import Settings
 from worker.testbed.sink import Sink, free_port
-from worker.tools.tenant_file import apply_tenants, read_tenant_file
+from worker.tools.tenant_file import TenantPolicy, apply_tenants, read_tenant_file
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER_URL = os.environ.get("POSTBOTE_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 ADMIN_URL = os.environ.get("POSTBOTE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+SECRETS_DIR = os.path.realpath(tempfile.gettempdir())
+"""The test run's ``POSTBOTE_SECRETS_DIR``: every ``tmp_path`` lies inside it."""
+
+
+def secrets_key_file() -> Path:
+    """The test runs' ``POSTBOTE_SECRETS_KEY_FILE`` (made once, kept in ``var/``)."""
+    path = ROOT / "var" / "test-secrets.key"
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        fd = os.open(path.with_suffix(f".{os.getpid()}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(generate_key() + "\n")
+        os.replace(path.with_suffix(f".{os.getpid()}"), path)
+    return path
+
+
+def tenant_policy(settings: Settings | None = None) -> TenantPolicy:
+    """What ``postbote tenants apply`` allows with ``settings`` (default: the test run's key and directory)."""
+    if settings is None:
+        return TenantPolicy(load_key_ring(secrets_key_file()), SECRETS_DIR)
+    return TenantPolicy.from_settings(settings)
+
+
+def helper_token_file(settings: Settings) -> Path:
+    """The file the test run's token helper ``test-token`` prints (``cat FILE``)."""
+    return Path(settings.token_helpers["test-token"].removeprefix("cat "))
 
 
 def database_url(name: str) -> str:
@@ -56,7 +87,10 @@ def settings_env(settings: Settings, **overrides: Any) -> dict[str, str]:
     """The environment a ``postbote`` subprocess needs to act on this test run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSTBOTE_")}
     for key, value in {**settings.model_dump(), **overrides}.items():
-        env[f"POSTBOTE_{key.upper()}"] = str(value)
+        if value is not None:
+            env[f"POSTBOTE_{key.upper()}"] = (
+                json.dumps(value) if isinstance(value, dict | list) else str(value)
+            )
     return env
 
 
@@ -128,9 +162,12 @@ class RunningWorker:
         return self.log_path.read_text()
 
 
-def add_tenant(database_url: str, sink: Sink, workdir: Path, **fields: Any) -> str:
+def add_tenant(
+    database_url: str, sink: Sink, workdir: Path, *, policy: TenantPolicy | None = None, **fields: Any
+) -> str:
     """Load a tenant sending to ``sink`` (plaintext, unthrottled, employee ``u1``) with ``fields``
-    on top, through a tenant file in ``workdir``; returns its id (a fresh one unless ``id`` is given)."""
+    on top, through a tenant file in ``workdir``; returns its id (a fresh one unless ``id`` is given).
+    ``policy``: what apply allows (default: the test run's key ring and secrets directory)."""
     tenant_id = fields.pop("id", None) or f"t{uuid.uuid4().hex[:12]}"
     tenant = {
         "id": tenant_id,
@@ -142,7 +179,7 @@ def add_tenant(database_url: str, sink: Sink, workdir: Path, **fields: Any) -> s
     path = workdir / f"{tenant_id}.yaml"
     path.write_text(yaml.safe_dump({"tenants": [tenant]}))
     with connect(database_url) as conn:
-        apply_tenants(conn, read_tenant_file(path))
+        apply_tenants(conn, read_tenant_file(path), policy or tenant_policy())
     return tenant_id
 
 
@@ -159,11 +196,15 @@ __all__ = [
     "BROKER_URL",
     "ROOT",
     "add_tenant",
+    "SECRETS_DIR",
     "RunningWorker",
     "database_url",
     "delete_queues",
+    "helper_token_file",
     "isolated_settings",
     "postbote",
+    "secrets_key_file",
     "send_jobs",
     "settings_env",
+    "tenant_policy",
 ]

@@ -12,12 +12,49 @@ import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
-from worker.cli import db, demo, dkim, dlq, events, run, send, sink, status, tenants, testmail
+from worker.cli import (
+    bounces,
+    control,
+    db,
+    demo,
+    dkim,
+    dlq,
+    events,
+    queues,
+    retention,
+    run,
+    secrets,
+    send,
+    sink,
+    status,
+    suppression,
+    tenants,
+    testmail,
+)
 from worker.cli.output import fail
 from worker.settings import Settings
 
-COMMANDS = (db, tenants, send, run, status, events, dlq, dkim, testmail, sink, demo)
+COMMANDS = (
+    db,
+    tenants,
+    send,
+    run,
+    status,
+    control,
+    events,
+    dlq,
+    queues,
+    bounces,
+    suppression,
+    secrets,
+    retention,
+    dkim,
+    testmail,
+    sink,
+    demo,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as e:
-        return fail(f"invalid POSTBOTE_* environment: {e}", code=2)
+        # Names and problems only: pydantic's own text repeats the values, URLs with passwords included.
+        problems = [f"POSTBOTE_{'_'.join(map(str, x['loc'])).upper() or '*'}: {x['msg']}" for x in e.errors()]
+        return fail("invalid POSTBOTE_* environment:\n  " + "\n  ".join(problems), code=2)
+    except SettingsError as e:
+        return fail(f"invalid POSTBOTE_* environment: {str(e).splitlines()[0]}", code=2)
     try:
         code: int = args.func(args, settings)
     except KeyboardInterrupt:

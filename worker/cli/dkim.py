@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from schemas.tenant import Dkim
 from worker.cli.output import fail, print_json
 from worker.errors import ConfigurationError, DatabaseUnavailable, UnknownTenant
+from worker.job.accounts import SecretAccess
 from worker.settings import Settings
 from worker.tools.dkim_keys import (
     DEFAULT_RSA_BITS,
@@ -137,7 +138,9 @@ def load_tenant_dkim(settings: Settings, tenant_id: str) -> Dkim | None:
     if row[0] is None:
         return None
     try:
-        return Dkim.model_validate(row[0])
+        return Dkim.model_validate(
+            SecretAccess.from_settings(settings).open(row[0], tenant=tenant_id, column="dkim")
+        )
     except ValidationError as e:
         # Only locations and messages: pydantic's full text would echo the input, private key included.
         problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'dkim'}: {x['msg']}" for x in e.errors())

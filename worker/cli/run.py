@@ -7,9 +7,12 @@ import os
 from typing import Any
 
 from worker.cli.output import fail
+from worker.db import connect
+from worker.errors import DatabaseUnavailable
 from worker.logs import configure_logging
 from worker.runtime.probes import check_broker, check_database
 from worker.settings import Settings
+from worker.tools.secrets import database_role, unsealed_secrets
 
 
 def register(subparsers: Any) -> None:
@@ -50,7 +53,21 @@ def run_check(args: argparse.Namespace, settings: Settings) -> int:
         fail(problem)
     if not problems:
         print("broker and database reachable")
+        _report_role(settings)
     return 1 if problems else 0
+
+
+def _report_role(settings: Settings) -> None:
+    """Which database role this runs as, and tenant secrets still stored in plain text."""
+    try:
+        with connect(settings.database_url) as conn:
+            print(database_role(conn).describe())
+            unsealed = unsealed_secrets(conn)
+    except DatabaseUnavailable as e:
+        fail(f"cannot read the database role: {e}")
+        return
+    if unsealed:
+        print(f"warning: {unsealed} tenant secret(s) stored in plain text; run 'postbote secrets rotate'")
 
 
 def _positive(value: str) -> int:

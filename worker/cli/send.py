@@ -41,7 +41,12 @@ def run_send(args: argparse.Namespace, settings: Settings) -> int:
             print(f"postbote: … and {len(errors) - 20} more errors", file=sys.stderr)
         return fail("nothing was published", code=2)
     try:
-        ids = publish(jobs, broker_url=settings.broker_url, queue_prefix=settings.queue_prefix)
+        ids = publish(
+            jobs,
+            broker_url=settings.broker_url,
+            queue_prefix=settings.queue_prefix,
+            queue_type=settings.queue_type,
+        )
     except PublishError as e:
         for job_id in e.confirmed:
             print(job_id)

@@ -12,9 +12,15 @@ from pydantic import ValidationError
 
 from worker.cli.output import fail
 from worker.db import connect
-from worker.errors import DatabaseUnavailable
+from worker.errors import ConfigurationError, DatabaseUnavailable
 from worker.settings import Settings
-from worker.tools.tenant_file import apply_tenants, read_tenant_file
+from worker.tools.tenant_file import (
+    TenantFileRefused,
+    TenantPolicy,
+    apply_tenants,
+    parse_problem,
+    read_tenant_file,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -33,7 +39,7 @@ def run_apply(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as e:
         return fail(f"cannot read {args.file}: {e.strerror}", code=2)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-        return fail(f"{args.file} is not valid YAML/JSON: {e}", code=2)
+        return fail(f"{args.file} is not valid YAML/JSON: {parse_problem(e)}", code=2)
     except ValidationError as e:
         lines = [f"{args.file} is not a valid tenant file:"]
         for item in e.errors():
@@ -41,8 +47,14 @@ def run_apply(args: argparse.Namespace, settings: Settings) -> int:
             lines.append(f"  {where}: {item['msg']}")
         return fail("\n".join(lines), code=2)
     try:
+        policy = TenantPolicy.from_settings(settings)
+    except ConfigurationError as e:
+        return fail(str(e), code=2)
+    try:
         with connect(settings.database_url) as conn:
-            changes = apply_tenants(conn, tenant_file)
+            changes = apply_tenants(conn, tenant_file, policy)
+    except TenantFileRefused as e:
+        return fail("\n".join([f"{args.file} was not applied:", *(f"  {p}" for p in e.problems)]), code=2)
     except DatabaseUnavailable as e:
         return fail(str(e))
     for change in changes:

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from worker.cli.output import fail, print_json
 from worker.db import connect
 from worker.errors import ConfigurationError, DatabaseUnavailable, UnknownTenant
-from worker.job.accounts import Account, load_account
+from worker.job.accounts import Account, SecretAccess, load_account
+from worker.job.smtp.oauth import TokenHelpers
 from worker.settings import Settings
 from worker.tools.testmail import Outcome, check_address, default_sender, send_test_mail
 
@@ -70,7 +71,13 @@ def run_test_mail(args: argparse.Namespace, settings: Settings) -> int:
         sender = sender or default_sender(account)
     except ConfigurationError as e:
         return fail(str(e), code=2)
-    outcome = send_test_mail(account, sender=sender, to=to, timeout_ms=settings.smtp_timeout_ms)
+    outcome = send_test_mail(
+        account,
+        sender=sender,
+        to=to,
+        timeout_ms=settings.smtp_timeout_ms,
+        token_helpers=TokenHelpers(settings.token_helpers, settings.token_helper_timeout_ms / 1000),
+    )
     if args.json:
         print_json(_as_json(outcome))
     else:
@@ -83,7 +90,7 @@ def run_test_mail(args: argparse.Namespace, settings: Settings) -> int:
 def _load(settings: Settings, tenant_id: str) -> Account:
     try:
         with connect(settings.database_url) as conn:
-            return load_account(conn, tenant_id)
+            return load_account(conn, tenant_id, SecretAccess.from_settings(settings))
     except ValidationError as e:
         # Locations and messages only: pydantic's full text would echo the input, password included.
         problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
@@ -107,6 +114,7 @@ def _print(outcome: Outcome) -> None:
             ("TLS", outcome.tls_version or "none"),
             ("auth", f"{outcome.auth_method} as {outcome.smtp_user}" if outcome.auth_method else "none"),
             ("reply", outcome.reply or ""),
+            ("DSN", "offered (bounces.dsn can ask for reports)" if outcome.dsn else "not offered"),
         ]
     if outcome.message_id:
         rows.append(("Message-ID", outcome.message_id))

@@ -15,7 +15,7 @@ from worker.cli.output import fail
 from worker.db import Connection, connect, translated_errors
 from worker.errors import ConfigurationError, DatabaseUnavailable
 from worker.logs import printable
-from worker.runtime.webhook_post import open_client, post_event, read_signer, targets_of
+from worker.runtime.webhook_post import open_client, post_event, target_signer, targets_of
 from worker.settings import Settings
 
 _STATES = """
@@ -165,7 +165,7 @@ def _resend(
     results: list[dict[str, Any]] = []
     with open_client(settings) as client:
         for delivery_id in dict.fromkeys(ids):
-            outcome, detail = _resend_one(conn, client, delivery_id, tenant)
+            outcome, detail = _resend_one(conn, client, delivery_id, tenant, settings.secrets_dir)
             results.append({"id": delivery_id, "outcome": outcome, "detail": detail})
     if as_json:
         print(json.dumps(results, indent=2))
@@ -181,7 +181,7 @@ def _resend(
 
 
 def _resend_one(
-    conn: Connection, client: httpx.Client, delivery_id: int, tenant: str | None
+    conn: Connection, client: httpx.Client, delivery_id: int, tenant: str | None, secrets_dir: str | None
 ) -> tuple[str, str]:
     with translated_errors():
         row = conn.execute(
@@ -197,7 +197,7 @@ def _resend_one(
     if target is None:
         return "not_resendable", f"tenant {row['tenant_id']} no longer has the webhook {row['url']}"
     try:
-        signer = read_signer(target.secret_file)
+        signer = target_signer(target, secrets_dir)
     except ConfigurationError as e:
         return "failed", str(e)
     error = post_event(client, target.url, signer, str(row["event_uuid"]), row["payload"].encode())

@@ -7,14 +7,19 @@ import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 from cachetools import TTLCache
+from pydantic import ValidationError
 
 from schemas.job import DocumentType
 from schemas.tenant import Dkim, Smtp
 from worker.db import Connection, translated_errors
-from worker.errors import UnknownTenant
+from worker.errors import ConfigurationError, UnknownTenant
 from worker.job.addresses import address_key
+from worker.runtime.secret_files import ReferenceRefused, confine_files
+from worker.runtime.secrets_box import KeyRing, load_key_ring, unseal_secrets
+from worker.settings import Settings
 
 _SENDER_SETTING = {
     DocumentType.OFFER: "offer",
@@ -23,6 +28,43 @@ _SENDER_SETTING = {
     DocumentType.DUNNING: "invoice",
     DocumentType.RECEIPT: "receipt",
 }
+
+
+@dataclass(frozen=True)
+class SecretAccess:
+    """What a worker host may open of a tenant's settings: sealed secrets with ``ring``, files in
+    ``secrets_dir`` (see :mod:`worker.runtime.secret_files`)."""
+
+    ring: KeyRing | None = None
+    secrets_dir: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SecretAccess:
+        """The host's key ring and secrets directory.
+
+        Raises:
+          ConfigurationError: the key file is set but unreadable or holds no key.
+        """
+        return cls(load_key_ring(settings.secrets_key_file), settings.secrets_dir)
+
+    def open(self, data: Any, *, tenant: str, column: str) -> Any:
+        """A stored settings column of ``tenant`` (JSON data) with its secrets unsealed and its
+        ``*_file`` paths confined to the tenant's secrets directory, ready for the models.
+
+        Raises:
+          ConfigurationError: a secret does not open, or a path lies outside the directory.
+        """
+        if data is None:
+            return None
+        try:
+            return confine_files(
+                unseal_secrets(data, self.ring, tenant=tenant),
+                tenant=tenant,
+                secrets_dir=self.secrets_dir,
+                where=column,
+            )
+        except ReferenceRefused as e:
+            raise ConfigurationError(f"tenant {tenant!r}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -53,6 +95,10 @@ class Account:
     employees: dict[str, Employee] = field(default_factory=dict)
     publishers: frozenset[str] | None = None
     """The RabbitMQ users that may publish for the tenant; ``None``: any."""
+    verp_domain: str | None = None
+    """``bounces.verp``: the envelope sender becomes ``bounce+<job>@<verp_domain>``."""
+    dsn: bool = False
+    """``bounces.dsn``: ask for delivery status notifications where the server offers DSN."""
 
     def sender_for(self, doc_type: DocumentType) -> str | None:
         """The configured sender address for a document type (dunning uses the invoice sender)."""
@@ -60,8 +106,13 @@ class Account:
         return self.senders.get(setting) if setting else None
 
 
-def load_account(conn: Connection, tenant_id: str) -> Account:
-    """Read one tenant with employees and grants; ``UnknownTenant`` if there is none."""
+def load_account(conn: Connection, tenant_id: str, access: SecretAccess) -> Account:
+    """Read one tenant with employees and grants, its secrets opened with ``access``.
+
+    Raises:
+      UnknownTenant: there is none.
+      ConfigurationError: its stored settings do not open or validate on this host.
+    """
     with translated_errors():
         row = conn.execute("SELECT * FROM tenants WHERE id = %s", (tenant_id,)).fetchone()
         if row is None:
@@ -92,9 +143,22 @@ def load_account(conn: Connection, tenant_id: str) -> Account:
         for kind in ("offer", "order", "invoice", "receipt")
         if row[f"sender_{kind}"]
     }
+    try:
+        smtp = Smtp.model_validate(access.open(row["smtp"], tenant=tenant_id, column="smtp"))
+        dkim = (
+            Dkim.model_validate(access.open(row["dkim"], tenant=tenant_id, column="dkim"))
+            if row["dkim"]
+            else None
+        )
+    except ValidationError as e:
+        # Locations and messages only: pydantic's full text would echo the input, secrets included.
+        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise ConfigurationError(
+            f"tenant {tenant_id!r} has settings this version cannot use ({problems}); apply its tenant file anew"
+        ) from None
     return Account(
         id=tenant_id,
-        smtp=Smtp.model_validate(row["smtp"]),
+        smtp=smtp,
         batch_size=int(row["batch_size"]),
         pause_ms=int(row["pause_ms"]),
         archive_bcc=_opt(row["archive_bcc"]),
@@ -102,8 +166,10 @@ def load_account(conn: Connection, tenant_id: str) -> Account:
         use_user_mail_data=bool(row["use_user_mail_data"]),
         cc_clerk=bool(row["cc_clerk"]),
         publishers=frozenset(row["publishers"]) if row["publishers"] is not None else None,
-        dkim=Dkim.model_validate(row["dkim"]) if row["dkim"] else None,
+        dkim=dkim,
         employees=employees,
+        verp_domain=(row["bounces"] or {}).get("verp"),
+        dsn=bool((row["bounces"] or {}).get("dsn")),
     )
 
 
@@ -114,8 +180,15 @@ class AccountCache:
     it; the later read is kept.
     """
 
-    def __init__(self, connection: Callable[[], AbstractContextManager[Connection]], *, ttl_ms: int) -> None:
+    def __init__(
+        self,
+        connection: Callable[[], AbstractContextManager[Connection]],
+        *,
+        ttl_ms: int,
+        access: SecretAccess | None = None,
+    ) -> None:
         self._connection = connection
+        self._access = access or SecretAccess()
         self._lock = threading.Lock()  # a TTLCache is not thread-safe; even a read reorders it
         # No size bound, as many tenants as the worker serves: each insert drops the expired ones.
         self._accounts: TTLCache[str, Account] = TTLCache(maxsize=math.inf, ttl=ttl_ms / 1000)
@@ -134,7 +207,7 @@ class AccountCache:
         except KeyError:
             pass
         with self._connection() as conn:
-            account = load_account(conn, tenant_id)
+            account = load_account(conn, tenant_id, self._access)
         with self._lock:
             self._accounts[tenant_id] = account
             self._known.add(tenant_id)
@@ -150,4 +223,4 @@ def _opt(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-__all__ = ["Account", "AccountCache", "Employee", "load_account"]
+__all__ = ["Account", "AccountCache", "Employee", "SecretAccess", "load_account"]

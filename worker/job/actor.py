@@ -1,7 +1,9 @@
 """Wires the stages together, in this order:
 
-intake → ledger claim → accounts → senders → recipients → compose → signature → series slot
-→ SMTP → outcome → ledger record (→ dead-letter store, or a retry).
+intake → ledger claim (directives, schedule, expiry) → accounts → senders → recipients →
+compose → signature → series slot → last check before DATA → SMTP → outcome → ledger record
+(→ dead-letter store, or a retry). A job that must wait is parked in PostgreSQL
+(``worker.job.parking``) at whichever step finds out.
 
 Only this module knows the order. Each stage takes and returns plain values.
 """
@@ -13,6 +15,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
@@ -21,6 +24,7 @@ import dramatiq
 import pika.exceptions
 import psycopg
 from cachetools import TTLCache
+from dramatiq.common import q_name
 from dramatiq.middleware import CurrentMessage
 from psycopg_pool import PoolTimeout
 
@@ -37,6 +41,7 @@ from worker.errors import (
     InternalError,
     InvalidJob,
     JobIdConflict,
+    MustWait,
     OutcomeUnrecorded,
     PermanentError,
     PostboteError,
@@ -45,8 +50,9 @@ from worker.errors import (
     Throttled,
     TransientError,
 )
-from worker.job.accounts import Account, AccountCache
+from worker.job.accounts import Account, AccountCache, SecretAccess
 from worker.job.addresses import needs_smtputf8
+from worker.job.breaker import LoginBreaker
 from worker.job.compose import Composed, compose_message
 from worker.job.deadletter import dead_job, store_dead_job
 from worker.job.intake import job_id_of, payload_digest, read_job, tenant_of
@@ -59,18 +65,21 @@ from worker.job.ledger import (
     record_attempt,
     record_failure,
     record_given_up,
-    release_claim,
     renew_claim,
 )
 from worker.job.outcome import AttemptRecord, Fate, settle
+from worker.job.parking import Check, before_data, park
 from worker.job.ratelimit import PostgresBackend, SeriesLimiter
 from worker.job.recipients import recipients_for
 from worker.job.senders import resolve_sender
 from worker.job.signature import DkimSigner, load_signer, sign_message
 from worker.job.smtp import Delivery, SmtpPool
+from worker.job.smtp.oauth import TokenHelpers
+from worker.job.suppression import hold_if_suppressed
 from worker.logs import log_outcome
 from worker.runtime import metrics
 from worker.runtime.middleware.retries import PUBLISHER, QUIET_FAILURES, UNRECORDED_OUTCOME, retry_delay_ms
+from worker.runtime.seal import SEAL
 from worker.settings import Settings
 from worker.vocabulary import LogOutcome, Reason, RecipientState, Status
 
@@ -80,22 +89,45 @@ _SIGNER_REFRESH_S = 60.0
 """A signer is rebuilt at least this often, so a key file replaced on disk is picked up."""
 
 
-class Pipeline:
-    """The per-process resources of the stages, and the order they run in."""
+class JobStopped(PostboteError):
+    """The last check before DATA stopped the job (``check``): it ended, or is another's now."""
 
-    def __init__(self, settings: Settings, *, holder: str | None = None) -> None:
+    def __init__(self, check: Check) -> None:
+        super().__init__(f"stopped before DATA: {check.value}")
+        self.check = check
+
+
+class Pipeline:
+    """The per-process resources of the stages, and the order they run in.
+
+    ``tenant_threads``: the most threads one throttled tenant's bulk jobs may hold at once in this
+    process, waiting for their series slot.
+    """
+
+    def __init__(self, settings: Settings, *, holder: str | None = None, tenant_threads: int = 4) -> None:
         self.settings = settings
+        self.tenant_threads = tenant_threads
+        self._busy: Counter[str] = Counter()
+        self._busy_lock = threading.Lock()
         self.holder = holder or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         self.db = make_pool(
             settings.database_url, max_size=16, statement_timeout_ms=settings.statement_timeout_ms
         )
-        self.accounts = AccountCache(self.db.connection, ttl_ms=settings.settings_cache_ms)
+        self.accounts = AccountCache(
+            self.db.connection, ttl_ms=settings.settings_cache_ms, access=SecretAccess.from_settings(settings)
+        )
         self.smtp = SmtpPool(
             timeout_ms=settings.smtp_timeout_ms,
             on_connect=lambda tenant: metrics.SMTP_CONNECTIONS_OPENED.labels(tenant).inc(),
+            token_helpers=TokenHelpers(settings.token_helpers, settings.token_helper_timeout_ms / 1000),
+            breaker=LoginBreaker(
+                self.db.connection, hold_ms=settings.login_hold_ms, probe_ms=4 * settings.smtp_timeout_ms
+            ),
         )
         self.limiter = SeriesLimiter(
-            PostgresBackend(settings.database_url), holder_id=self.holder, lease_ms=settings.series_lease_ms
+            PostgresBackend(settings.database_url, statement_timeout_ms=settings.statement_timeout_ms),
+            holder_id=self.holder,
+            lease_ms=settings.series_lease_ms,
         )
         self.brokers: dict[str, dramatiq.Broker] = {}
         self._signers: TTLCache[str, tuple[object, DkimSigner]] = TTLCache(
@@ -142,9 +174,13 @@ class Pipeline:
                 logger.exception("job %s failed unexpectedly", job.job_id)
                 raise InternalError(f"{type(e).__name__}: {e}") from e
         except Throttled as e:
-            with self.db.connection() as conn:
-                release_claim(conn, job.job_id)
-            self._defer(job, e.retry_in_ms)
+            self._park(
+                job, MustWait(str(e), reason=Reason.SERIES, status=Status.RETRYING, wait_ms=e.retry_in_ms)
+            )
+        except MustWait as e:
+            self._park(job, e)
+        except JobStopped as e:
+            log_outcome(LogOutcome.STOPPED, job_id=job.job_id, tenant=job.tenant, detail=e.check.value)
         except PermanentError as e:
             self._fail(job, e, started)
         except TransientError as e:
@@ -156,13 +192,20 @@ class Pipeline:
     def _send(self, job: Job, data: dict[str, Any], started: float, *, publisher: str | None) -> None:
         claim_ms = self.settings.series_max_wait_ms + 4 * self.settings.smtp_timeout_ms
         claimed_at = time.monotonic()
-        claim = self._claim(job, data, claim_ms)
+        claim = self._claim(job, data, claim_ms, series_wait_ms=self._series_wait_ms(job))
         if claim is None:
             return
+        if claim.claim is Claim.PARK:
+            assert claim.reason is not None and claim.status is not None
+            raise MustWait(
+                claim.detail or claim.reason, reason=claim.reason, status=claim.status, wait_ms=claim.wait_ms
+            )
         account = self.accounts.get(job.tenant)
         if account.publishers is not None and publisher not in account.publishers:
             who = f"RabbitMQ user {publisher!r}" if publisher else "a message without a user_id property"
             raise PublisherNotPermitted(f"{who} may not publish jobs for tenant {job.tenant!r}")
+        with self.db.connection() as conn:
+            hold_if_suppressed(conn, job)
         message, fates = self._prepare(job, account, claim)
         attempt_started = time.time()
         delivery = self._transmit(job, account, message, claimed_at, claim_ms)
@@ -173,8 +216,26 @@ class Pipeline:
     def _tenant_label(self, job: Job) -> str:
         return job.tenant if self.accounts.known(job.tenant) else "unknown"
 
-    def _claim(self, job: Job, data: dict[str, Any], claim_ms: int) -> ClaimResult | None:
-        """Claim the job in the ledger; ``None`` when it already ended (acknowledged unsent)."""
+    def _series_wait_ms(self, job: Job) -> int | None:
+        """How far away a throttled tenant's next bulk slot is, when that is further than a thread
+        should wait (as far as this process knows; no database call)."""
+        if job.document.type is DocumentType.RECEIPT or not self.accounts.known(job.tenant):
+            return None
+        account = self.accounts.get(job.tenant)
+        if account.pause_ms == 0:
+            return None
+        ahead_ms = self.limiter.expected_wait_ms(account.id)
+        return ahead_ms if ahead_ms > self.settings.series_park_after_ms else None
+
+    def _claim(
+        self, job: Job, data: dict[str, Any], claim_ms: int, *, series_wait_ms: int | None
+    ) -> ClaimResult | None:
+        """Claim the job in the ledger; ``None`` when it already ended, or ended now (cancelled,
+        expired), or was parked now: acknowledged unsent."""
+        message = CurrentMessage.get_current_message()
+        published = message.message_timestamp if message else None
+        schedule = job.not_before is not None and job.not_before.timestamp() > time.time()
+        parking = self._parked_message() if message and (series_wait_ms is not None or schedule) else None
         with self.db.connection() as conn:
             claim = claim_job(
                 conn,
@@ -183,7 +244,27 @@ class Pipeline:
                 holder=self.holder,
                 claim_ms=claim_ms,
                 crash_loop_after=self.settings.crash_loop_after,
+                published_ms=published if isinstance(published, int) else None,
+                parking=parking,
+                series_wait_ms=series_wait_ms,
             )
+        if claim.claim is Claim.PARKED:
+            log_outcome(
+                LogOutcome.PARKED,
+                job_id=job.job_id,
+                tenant=job.tenant,
+                reason=claim.reason,
+                retry_in_ms=claim.wait_ms,
+            )
+            return None
+        if claim.claim in (Claim.CANCELLED, Claim.EXPIRED):
+            log_outcome(
+                LogOutcome(claim.claim.value),
+                job_id=job.job_id,
+                tenant=job.tenant,
+                document=f"{job.document.type.value} {job.document.number}",
+            )
+            return None
         if claim.claim is Claim.DONE:
             metrics.DUPLICATES_PREVENTED.labels(self._tenant_label(job)).inc()
             log_outcome(
@@ -219,7 +300,13 @@ class Pipeline:
                 earlier = load_progress(conn, job.job_id)
         if earlier is None or not earlier.fates:
             recipients = recipients_for(job, account)
-            message = compose_message(job, resolve_sender(job, account), recipients)
+            message = compose_message(
+                job,
+                resolve_sender(job, account),
+                recipients,
+                verp_domain=account.verp_domain,
+                dsn=account.dsn,
+            )
             return self._signed(message, account), tuple(Fate(r.address, r.role) for r in recipients.envelope)
         pending = [f for f in earlier.fates if f.state is RecipientState.PENDING]
         reached = any(f.role.customer_facing and f.state is RecipientState.ACCEPTED for f in earlier.fates)
@@ -233,9 +320,16 @@ class Pipeline:
                 message_id=earlier.message_id,
                 smtputf8=any(needs_smtputf8(a) for a in (earlier.sender, *addresses)),
                 internal=internal,
+                envid=str(job.job_id) if account.dsn else None,
             )
             return kept, earlier.fates
-        message = compose_message(job, resolve_sender(job, account), recipients_for(job, account))
+        message = compose_message(
+            job,
+            resolve_sender(job, account),
+            recipients_for(job, account),
+            verp_domain=account.verp_domain,
+            dsn=account.dsn,
+        )
         return replace(self._signed(message, account), recipients=addresses, internal=internal), earlier.fates
 
     def _signed(self, message: Composed, account: Account) -> Composed:
@@ -265,7 +359,19 @@ class Pipeline:
         """The series slot, then SMTP. A throttled tenant's mail says MAIL FROM and RCPT TO while
         it waits for its slot, so only DATA is left once the series opens."""
         receipt = job.document.type is DocumentType.RECEIPT
+        max_wait_ms = self.settings.series_max_wait_ms
+        if not receipt:
+            # A slot further away than this is waited for parked in PostgreSQL, not here.
+            max_wait_ms = min(max_wait_ms, self.settings.series_park_after_ms)
         with ExitStack() as stack:
+            if not receipt and account.pause_ms > 0:
+                ahead_ms = self.limiter.expected_wait_ms(account.id)
+                if ahead_ms > max_wait_ms:
+                    raise Throttled(account.id, ahead_ms)
+                if not self._enter(account.id):
+                    # The tenant's jobs already hold their share of this process's threads.
+                    raise Throttled(account.id, max(max_wait_ms, 1))
+                stack.callback(self._leave, account.id)
             staged = None
             if account.pause_ms > 0:
                 staged = stack.enter_context(
@@ -277,7 +383,7 @@ class Pipeline:
                     batch_size=account.batch_size,
                     pause_ms=account.pause_ms,
                     priority=receipt,
-                    max_wait_ms=self.settings.series_max_wait_ms,
+                    max_wait_ms=max_wait_ms,
                 )
             )
             metrics.RATELIMIT_WAIT_SECONDS.labels(job.tenant).observe(slot.waited_ms / 1000)
@@ -288,6 +394,12 @@ class Pipeline:
                         raise ClaimedElsewhere(
                             f"job {job.job_id} was taken over before sending", retry_in_ms=claim_ms
                         )
+            with self.db.connection() as conn:
+                check = before_data(conn, job.job_id, holder=self.holder)
+            if check is Check.PAUSED:
+                raise MustWait("paused", reason=Reason.PAUSED, status=Status.HELD, wait_ms=None)
+            if check is not Check.GO:
+                raise JobStopped(check)
             sent_at = time.monotonic()
             if staged is not None:
                 delivery = staged.deliver()
@@ -371,14 +483,61 @@ class Pipeline:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _defer(self, job: Job, delay_ms: int) -> None:
-        """Waiting is not failing: hand the job back to the broker for later without using a retry."""
+    def _park(self, job: Job, wait: MustWait) -> None:
+        """Waiting is not failing: keep the job in PostgreSQL until due (or released), then let
+        RabbitMQ forget it. Parked before acknowledged, so a crash in between sends it once more
+        to the claim, never loses it."""
+        queue, kept = self._parked_message()
+        with self.db.connection() as conn:
+            parked = park(
+                conn,
+                job.job_id,
+                holder=self.holder,
+                reason=wait.reason,
+                status=Status(wait.status),
+                wait_ms=wait.wait_ms,
+                queue=queue,
+                message=kept,
+                detail=str(wait),
+            )
+        log_outcome(
+            LogOutcome.PARKED if parked else LogOutcome.STOPPED,
+            job_id=job.job_id,
+            tenant=job.tenant,
+            reason=wait.reason,
+            retry_in_ms=wait.wait_ms,
+        )
+
+    def _parked_message(self) -> tuple[str, bytes]:
+        """The current message as it is kept while parked: its lane queue, and the message
+        without a delay or a seal (the releaser seals it anew)."""
         message = CurrentMessage.get_current_message()
         assert message is not None
-        # Capped like a retry's backoff: a delayed message waits unacknowledged in the consumer.
-        delay_ms = min(delay_ms, self.settings.max_backoff_ms)
-        self.brokers[message.queue_name].enqueue(message.copy(), delay=delay_ms)
-        log_outcome(LogOutcome.DEFERRED_SERIES, job_id=job.job_id, tenant=job.tenant, retry_in_ms=delay_ms)
+        options = {k: v for k, v in message.options.items() if k not in ("eta", SEAL)}
+        queue = q_name(message.queue_name)
+        kept: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name=queue,
+            actor_name=message.actor_name,
+            args=message.args,
+            kwargs=message.kwargs,
+            options=options,
+            message_id=message.message_id,
+            message_timestamp=message.message_timestamp,
+        )
+        return queue, kept.encode()
+
+    def _enter(self, tenant: str) -> bool:
+        with self._busy_lock:
+            if self._busy[tenant] >= self.tenant_threads:
+                return False
+            self._busy[tenant] += 1
+            return True
+
+    def _leave(self, tenant: str) -> None:
+        with self._busy_lock:
+            self._busy[tenant] -= 1
+            if self._busy[tenant] <= 0:
+                del self._busy[tenant]
 
     def _fail(self, job: Job, error: PermanentError, started: float) -> None:
         message = CurrentMessage.get_current_message()

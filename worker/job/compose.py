@@ -47,6 +47,9 @@ class Composed:
     smtputf8: bool
     internal: frozenset[str] = frozenset()
     """Recipients of internal copies: they go only in a transaction that reaches a customer-facing one."""
+    envid: str | None = None
+    """Set when the tenant asks for DSN (``bounces.dsn``): the ENVID, and ``RET=HDRS``,
+    ``NOTIFY=FAILURE,DELAY`` and ``ORCPT`` per recipient, where the server offers DSN."""
 
 
 def message_id_for(job_id: UUID, sender: str) -> str:
@@ -55,10 +58,18 @@ def message_id_for(job_id: UUID, sender: str) -> str:
 
 
 def compose_message(
-    job: Job, sender: Sender, recipients: Recipients, *, now: datetime | None = None
+    job: Job,
+    sender: Sender,
+    recipients: Recipients,
+    *,
+    now: datetime | None = None,
+    verp_domain: str | None = None,
+    dsn: bool = False,
 ) -> Composed:
     """The message bytes (CRLF line ends) and envelope; only ``recipients.cc`` and the job's
-    ``to`` appear in a header."""
+    ``to`` appear in a header. With ``verp_domain`` the envelope sender is the VERP return path
+    ``bounce+<job id>@<verp_domain>`` (the From header stays the sender's); with ``dsn`` the
+    transaction asks for delivery status notifications carrying the job id as ENVID."""
     headers_to = [ascii_address(a) for a in job.to]
     headers_cc = list(recipients.cc)
     envelope = tuple(r.address for r in recipients.envelope)
@@ -87,11 +98,12 @@ def compose_message(
     data = CRLF.join([*headers, *part_headers]) + CRLF + CRLF + body
     return Composed(
         data=data,
-        mail_from=mail_from,
+        mail_from=f"bounce+{job.job_id.hex}@{verp_domain}" if verp_domain else mail_from,
         recipients=envelope,
         message_id=message_id,
         smtputf8=smtputf8,
         internal=internal,
+        envid=str(job.job_id) if dsn else None,
     )
 
 

@@ -36,13 +36,21 @@ class Claim(StrEnum):
     TAKEN_OVER = "taken_over"
     """A dead holder's expired claim was taken over; the mail may have gone out already."""
     DONE = "done"
-    """The job already ended (sent, partial or failed); acknowledge without sending."""
+    """The job already ended (sent, partial, failed, cancelled or expired); acknowledge without sending."""
     BUSY = "busy"
     """Another live delivery holds the claim."""
     CONFLICT = "conflict"
     """The job id is known with a different payload."""
     CRASH_LOOP = "crash_loop"
     """Deliveries of this job keep killing their worker; stop trying."""
+    CANCELLED = "cancelled"
+    """A cancel directive matched: the job ended here, unsent."""
+    EXPIRED = "expired"
+    """The job's ``expires_at`` passed: it ended here, unsent."""
+    PARK = "park"
+    """The job must wait (a pause, its ``not_before``): claimed, to be parked (``parking.park``)."""
+    PARKED = "parked"
+    """The job must wait and was parked here with the message the caller gave."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,15 @@ class ClaimResult:
     remaining_ms: int = 0
     """For ``BUSY``: how long the other holder's claim still runs."""
     takeovers: int = 0
+    reason: Reason | None = None
+    """For ``PARK``: why the job waits."""
+    detail: str | None = None
+    wait_ms: int | None = None
+    """For ``PARK``: how long (``None``: until released)."""
+
+
+_CLAIM = "SELECT postbote_claim(%s::jsonb, %s) AS claim"
+"""Claim, directives, expiry and schedule in one statement (deploy/migrations/0011)."""
 
 
 def claim_job(
@@ -63,60 +80,51 @@ def claim_job(
     holder: str,
     claim_ms: int,
     crash_loop_after: int = 3,
+    published_ms: int | None = None,
+    parking: tuple[str, bytes] | None = None,
+    series_wait_ms: int | None = None,
 ) -> ClaimResult:
-    """Claim ``job`` for ``holder`` for ``claim_ms``, counting the attempt (see the stale-claim rule).
+    """Claim ``job`` for ``holder`` for ``claim_ms``, counting the attempt (see the stale-claim
+    rule), unless a directive, the job's expiry or its schedule decides otherwise: a matching
+    cancel or a passed ``expires_at`` ends the job here; a pause or a ``not_before`` ahead
+    answers ``PARK``. ``published_ms`` is when the job was published (the message timestamp),
+    which a cancel's ``--published-before`` compares.
 
-    A job seen for the first time costs one statement; only a redelivery takes the row lock.
+    ``parking`` (queue, encoded message) lets a job that must wait be parked in the same
+    statement (``PARKED``); with ``series_wait_ms`` too, a job nothing else stops is parked for
+    its series slot that far away.
     """
+    fields = {
+        "job_id": str(job.job_id),
+        "tenant": job.tenant,
+        "doc_type": job.document.type.value,
+        "doc_number": job.document.number,
+        "sha256": payload_sha256,
+        "holder": holder,
+        "claim_ms": claim_ms,
+        "crash_loop_after": crash_loop_after,
+        "published_ms": published_ms,
+        "not_before": job.not_before.isoformat() if job.not_before else None,
+        "expires_at": job.expires_at.isoformat() if job.expires_at else None,
+        "queue": parking[0] if parking else None,
+        "series_wait_ms": series_wait_ms if parking else None,
+    }
     with translated_errors():
-        row = conn.execute(
-            """
-            INSERT INTO deliveries (job_id, tenant_id, doc_type, doc_number, payload_sha256, status,
-                                    attempts, claimed_by, claimed_until)
-            VALUES (%s, %s, %s, %s, %s, %s, 1, %s, clock_timestamp() + %s * interval '1 ms')
-            ON CONFLICT (job_id) DO NOTHING
-            RETURNING attempts
-            """,
-            (
-                job.job_id,
-                job.tenant,
-                job.document.type.value,
-                job.document.number,
-                payload_sha256,
-                Status.SENDING,
-                holder,
-                claim_ms,
-            ),
-        ).fetchone()
-    if row is not None:
-        return ClaimResult(Claim.CLAIMED, 1)
-    with translated_errors(), conn.transaction():
-        row = conn.execute(
-            "SELECT status, attempts, takeovers, payload_sha256,"
-            " COALESCE(claimed_until < clock_timestamp(), true) AS expired,"
-            " GREATEST(0, EXTRACT(EPOCH FROM claimed_until - clock_timestamp()) * 1000)::bigint AS remaining"
-            " FROM deliveries WHERE job_id = %s FOR UPDATE",
-            (job.job_id,),
-        ).fetchone()
-        assert row is not None
-        status, attempts, takeovers = Status(row["status"]), int(row["attempts"]), int(row["takeovers"])
-        if row["payload_sha256"] != payload_sha256:
-            return ClaimResult(Claim.CONFLICT, attempts, status)
-        if status.final:
-            return ClaimResult(Claim.DONE, attempts, status)
-        if status is Status.SENDING and not row["expired"]:
-            return ClaimResult(Claim.BUSY, attempts, status, remaining_ms=int(row["remaining"] or 0))
-        taking_over = status is Status.SENDING
-        if taking_over and takeovers + 1 >= crash_loop_after:
-            return ClaimResult(Claim.CRASH_LOOP, attempts, status, takeovers=takeovers + 1)
-        conn.execute(
-            "UPDATE deliveries SET status = %s, attempts = attempts + 1, takeovers = takeovers + %s,"
-            " claimed_by = %s, claimed_until = clock_timestamp() + %s * interval '1 ms',"
-            " updated_at = clock_timestamp() WHERE job_id = %s",
-            (Status.SENDING, int(taking_over), holder, claim_ms, job.job_id),
-        )
-        claim = Claim.TAKEN_OVER if taking_over else Claim.CLAIMED
-        return ClaimResult(claim, attempts + 1, status, takeovers=takeovers + int(taking_over))
+        row = conn.execute(_CLAIM, (json.dumps(fields), parking[1] if parking else None)).fetchone()
+    assert row is not None
+    answer: dict[str, Any] = row["claim"]
+    status = answer.get("status")
+    reason = answer.get("reason")
+    return ClaimResult(
+        Claim(answer["claim"]),
+        int(answer.get("attempts") or 0),
+        Status(status) if status else None,
+        remaining_ms=int(answer.get("remaining_ms") or 0),
+        takeovers=int(answer.get("takeovers") or 0),
+        reason=Reason(reason) if reason else None,
+        detail=answer.get("detail"),
+        wait_ms=int(answer["wait_ms"]) if answer.get("wait_ms") is not None else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -253,19 +261,6 @@ def record_failure(
             )
         if changed:
             conn.execute(_EMIT, (job_id, EventType(status)))
-
-
-def release_claim(conn: Connection, job_id: UUID) -> None:
-    """Give the claim back without an outcome: the job was deferred, a later delivery sends it."""
-    with translated_errors(), conn.transaction():
-        changed = conn.execute(
-            "UPDATE deliveries SET status = %s, reason = %s, detail = NULL, claimed_by = NULL,"
-            " claimed_until = NULL, attempts = attempts - 1, updated_at = clock_timestamp()"
-            " WHERE job_id = %s AND status = %s",
-            (Status.RETRYING, Reason.THROTTLED, job_id, Status.SENDING),
-        ).rowcount
-        if changed:
-            conn.execute(_EMIT, (job_id, EventType.RETRYING))
 
 
 def record_given_up(

@@ -26,12 +26,14 @@ import pika.exceptions
 from dramatiq import Message, get_encoder
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
-from dramatiq.common import q_name
+from dramatiq.common import dq_name, q_name, xq_name
 from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import Middleware, ShutdownNotifications, TimeLimit
 
+from producer.queues import QueueType, dead_queue_arguments, delay_queue_arguments, queue_arguments
 from schemas.constants import LANES, actor_of
 from worker.library_internals import (
+    RabbitmqBrokerBase,
     RabbitmqConsumerBase,
     delivery_tag,
     rabbitmq_message,
@@ -243,15 +245,46 @@ class _BatchedAcks(_GuardedConsumer):
                 channel.basic_nack(tag, requeue=False)
 
 
-class _Broker(RabbitmqBroker):
-    def __init__(self, *, sealer: Sealer, max_message_bytes: int, **kwargs: Any) -> None:
+class _Broker(RabbitmqBrokerBase):
+    """dramatiq's RabbitMQ broker with postbote's consumer, declaring every queue of a lane
+    as ``producer.queues`` does, with the installation's queue type (dramatiq itself declares
+    only classic queues)."""
+
+    def __init__(
+        self, *, sealer: Sealer, max_message_bytes: int, queue_type: QueueType = "classic", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.sealer = sealer
         self.max_message_bytes = max_message_bytes
+        self.queue_type: QueueType = queue_type
 
     @property
     def consumer_class(self) -> type[RabbitmqConsumerBase]:
         return _BatchedAcks
+
+    def _declare_queue(self, queue_name: str) -> Any:
+        return self._declare(queue_name, queue_arguments(queue_name, self.queue_type))
+
+    def _declare_dq_queue(self, queue_name: str) -> Any:
+        return self._declare(dq_name(queue_name), delay_queue_arguments(queue_name, self.queue_type))
+
+    def _declare_xq_queue(self, queue_name: str) -> Any:
+        return self._declare(xq_name(queue_name), dead_queue_arguments(self.queue_type))
+
+    def _declare(self, name: str, arguments: dict[str, Any]) -> Any:
+        try:
+            return self.channel.queue_declare(queue=name, durable=True, arguments=arguments)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if e.reply_code == 406:
+                logger.error(
+                    "RabbitMQ refused to declare %s as a %s queue (%s): every worker must name the "
+                    "installation's POSTBOTE_QUEUE_TYPE; `postbote queues migrate --to %s` changes the queues",
+                    name,
+                    self.queue_type,
+                    e.reply_text,
+                    self.queue_type,
+                )
+            raise
 
 
 _BLOCKED_TIMEOUT_S = 30.0
@@ -272,6 +305,9 @@ def make_broker(
     held unacknowledged anywhere near RabbitMQ's 30-minute consumer timeout.
     dramatiq's own ``Retries`` is deliberately absent (see ``RetryPolicy``).
 
+    Its queues are declared with ``settings.queue_type`` (``producer.queues``); ``broker_url``
+    may name several nodes separated by ``;``, tried in order whenever a connection is (re)made.
+
     Every message the broker enqueues is sealed with ``sealer`` (by default one with the
     installation's key, read from the database), and its consumers verify the seals.
     """
@@ -287,6 +323,7 @@ def make_broker(
     broker = _Broker(
         sealer=sealer,
         max_message_bytes=settings.max_message_bytes,
+        queue_type=settings.queue_type,
         url=settings.broker_url,
         confirm_delivery=True,
         middleware=middleware,

@@ -55,7 +55,8 @@ def run_worker_process(
     sealer = _wait_for_sealer(settings, stop)
     if sealer is None:
         return
-    pipeline = Pipeline(settings, holder=holder) if holder else Pipeline(settings)
+    tenant_threads = settings.tenant_threads or max(1, threads // 2)
+    pipeline = Pipeline(settings, holder=holder, tenant_threads=tenant_threads)
     lanes = []
     for lane, count in ((DOCUMENTS_QUEUE, threads), (RECEIPTS_QUEUE, receipt_threads)):
         broker = make_broker(

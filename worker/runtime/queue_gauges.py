@@ -6,7 +6,9 @@ queue is counted once per host however many processes run, and a scrape never
 waits for RabbitMQ or PostgreSQL.
 
 Queues: ``documents`` and ``receipts`` (the RabbitMQ work queues, ready
-messages) and ``dead`` (the dead-letter store in PostgreSQL).
+messages) and ``dead`` (the dead-letter store in PostgreSQL). From PostgreSQL too:
+``postbote_jobs_parked{tenant,reason}`` (jobs waiting in ``parked_jobs``) and
+``postbote_tenant_paused_seconds{tenant}`` (how long the tenant's oldest pause has held).
 
 The age of the oldest waiting RabbitMQ message cannot be read without taking
 the message off the queue (``basic_get`` then requeue marks it redelivered and
@@ -39,6 +41,8 @@ from schemas import constants as names
 from schemas.constants import LANES, queue_name
 from worker.db import connect
 from worker.errors import BrokerUnavailable, DatabaseUnavailable
+from worker.job.directives import active_pauses
+from worker.job.parking import parked_counts
 from worker.runtime.queue_depth import count_ready, read_dead_letters
 from worker.settings import Settings
 
@@ -91,6 +95,8 @@ class QueueGauges:
         self._clock = clock
         self._last_empty = dict.fromkeys(LANES, clock())
         self._readings: dict[str, tuple[int, float]] = {}
+        self._parked: list[tuple[str, str, int]] = []
+        self._paused: dict[str, float] = {}
         self._problems: dict[str, str] = {}
 
     def refresh(self) -> None:
@@ -118,6 +124,13 @@ class QueueGauges:
         try:
             with connect(self._settings.database_url) as conn:
                 dead = read_dead_letters(conn)
+                self._parked = parked_counts(conn)
+                paused: dict[str, float] = {}
+                now = self._clock()
+                for row in active_pauses(conn):
+                    since = now - row["created_at"].timestamp()
+                    paused[row["tenant"]] = max(paused.get(row["tenant"], 0.0), since)
+                self._paused = paused
         except DatabaseUnavailable as e:
             self._report("database", str(e))
         else:
@@ -149,6 +162,22 @@ class QueueGauges:
             ages.add_metric([queue], age)
         yield messages
         yield ages
+        parked = GaugeMetricFamily(
+            names.METRIC_JOBS_PARKED,
+            "Jobs parked in PostgreSQL until due or released, per tenant and reason.",
+            labels=["tenant", "reason"],
+        )
+        for tenant, reason, count in sorted(self._parked):
+            parked.add_metric([tenant, reason], count)
+        yield parked
+        paused = GaugeMetricFamily(
+            names.METRIC_TENANT_PAUSED_SECONDS,
+            "How long the tenant's oldest pause in force has lasted.",
+            labels=["tenant"],
+        )
+        for tenant, seconds in sorted(self._paused.items()):
+            paused.add_metric([tenant], seconds)
+        yield paused
 
     def _report(self, source: str, problem: str | None) -> None:
         """Log when reading a source starts or stops failing, not at every refresh."""

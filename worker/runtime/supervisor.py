@@ -1,6 +1,6 @@
 """``postbote worker``: start N worker processes, restart any that die, serve metrics and health.
 
-A worker process or supervisor thread (``.XQ`` sweeper, queue gauges, event relay, webhook
+A worker process or supervisor thread (``.XQ`` sweeper, queue gauges, parked-job releaser, event relay, webhook
 sender) that dies is started again after a delay that doubles with every death in a row, from
 0.5 s up to ``restart_backoff_max_ms``, and counted (``postbote_worker_restarts_total``,
 ``postbote_thread_restarts_total``); a run of ``restart_reset_ms`` forgets the earlier deaths.
@@ -32,12 +32,15 @@ from typing import Any
 
 from prometheus_client.registry import Collector
 
+from worker.bounces.mailbox import BounceCounts, watch_mailboxes
 from worker.db import connect
 from worker.errors import DatabaseUnavailable
 from worker.job.ledger import release_claims
+from worker.runtime.housekeeping import Housekeeping
 from worker.runtime.probes import SharedProbe, service_problems
 from worker.runtime.queue_gauges import QueueGauges, StartedMarks
 from worker.runtime.relay import EventRelay
+from worker.runtime.releaser import Releaser
 from worker.runtime.sweeper import sweep_forever
 from worker.runtime.watchdog import THREAD_DIED_EXIT_CODE, Backoff, RestartCounts, SupervisedThread
 from worker.runtime.webhooks import WebhookCounts, deliver_webhooks_forever
@@ -141,8 +144,12 @@ def supervise(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    counts = RestartCounts(threads=("event_relay", "queue_gauges", "sweeper", "webhooks"))
+    counts = RestartCounts(
+        threads=("bounces", "event_relay", "housekeeping", "queue_gauges", "releaser", "sweeper", "webhooks")
+    )
+    housekeeping = Housekeeping(settings)
     relay = EventRelay(settings)
+    releaser = Releaser(settings)
     webhook_counts = WebhookCounts()
     helpers = [
         SupervisedThread("queue_gauges", gauges.run, stop, backoff=backoff(), counts=counts),
@@ -150,6 +157,11 @@ def supervise(
             "sweeper", lambda s: sweep_forever(settings, s), stop, backoff=backoff(), counts=counts
         ),
         SupervisedThread("event_relay", relay.run, stop, backoff=backoff(), counts=counts),
+        SupervisedThread("releaser", releaser.run, stop, backoff=backoff(), counts=counts),
+        SupervisedThread("housekeeping", housekeeping.run, stop, backoff=backoff(), counts=counts),
+        SupervisedThread(
+            "bounces", lambda s: watch_mailboxes(settings, s), stop, backoff=backoff(), counts=counts
+        ),
         SupervisedThread(
             "webhooks",
             lambda s: deliver_webhooks_forever(settings, s, counts=webhook_counts),
@@ -160,7 +172,9 @@ def supervise(
     ]
     slots = [_Slot(backoff()) for _ in range(processes)]
     server = _serve_http(
-        settings, [gauges, counts, relay.metrics, webhook_counts], _Health(settings, slots, helpers)
+        settings,
+        [gauges, counts, relay.metrics, webhook_counts, BounceCounts(settings), housekeeping],
+        _Health(settings, slots, helpers),
     )
     for helper in helpers:
         helper.start()

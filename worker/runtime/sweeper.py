@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import threading
+from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
@@ -26,7 +27,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pydantic import ValidationError
 
-from producer.queues import declare_queues
+from producer.queues import DELIVERY_LIMIT, declare_queues
 from schemas.constants import (
     SEND_DOCUMENT_ACTOR,
     SEND_RECEIPT_ACTOR,
@@ -112,7 +113,7 @@ def sweep_once(settings: Settings) -> int:
         channel.confirm_delivery()
         with connect(settings.database_url) as conn:
             for queue in lane_queues(settings.queue_prefix):
-                declare_queues(channel, queue)
+                declare_queues(channel, queue, settings.queue_type)
                 lane_moved, lane_kept = _sweep_lane(channel, conn, queue, limit)
                 moved, kept = moved + lane_moved, kept + lane_kept
     finally:
@@ -137,7 +138,7 @@ def _sweep_lane(channel: BlockingChannel, conn: Connection, queue: str, limit: i
             _give_back(channel, method.delivery_tag)
             break
         try:
-            entry_id, dead = _store(conn, body, queue, limit)
+            entry_id, dead = _store(conn, body, queue, limit, _first_death(properties))
         except DatabaseUnavailable:
             _give_back(channel, method.delivery_tag)
             raise
@@ -176,14 +177,23 @@ def sweep_forever(settings: Settings, stop: threading.Event, *, interval_s: floa
             logger.info("dead-queue sweep skipped: %s", e or type(e).__name__)
 
 
-def _store(conn: Connection, body: bytes, queue: str, limit: int) -> tuple[str, DeadJob]:
+def _store(
+    conn: Connection, body: bytes, queue: str, limit: int, death: str | None = None
+) -> tuple[str, DeadJob]:
     """Store what ``body`` is; when that fails for a reason other than an outage, store it raw.
-    Returns the entry's id and what was stored."""
+    ``death`` is RabbitMQ's reason for dead-lettering it. Returns the entry's id and what was stored."""
     try:
         dead = dead_job_of(body, queue, max_body_bytes=limit)
     except Exception as e:  # a bug here must not stop the sweep: keep the bytes, name the error
         logger.exception("cannot read a message from %s.XQ; storing it raw", queue)
         dead = _unreadable(body, queue, limit, e)
+    if death == "delivery_limit" and dead.reason == Reason.REJECTED_BY_WORKER:
+        dead = replace(
+            dead,
+            reason=Reason.CRASH_LOOP,
+            detail=f"RabbitMQ dead-lettered it after {DELIVERY_LIMIT + 1} deliveries no worker settled"
+            " (the quorum queue's x-delivery-limit): it keeps killing workers",
+        )
     try:
         return store_dead_job(conn, dead) or dead.id, dead
     except DatabaseUnavailable:
@@ -196,6 +206,13 @@ def _store(conn: Connection, body: bytes, queue: str, limit: int) -> tuple[str, 
         )
         fallback = _unreadable(body, queue, limit, e)
         return store_dead_job(conn, fallback) or fallback.id, fallback
+
+
+def _first_death(properties: pika.BasicProperties) -> str | None:
+    """Why RabbitMQ dead-lettered a message (``x-first-death-reason``: ``rejected``, ``expired``,
+    ``delivery_limit`` …), ``None`` when it does not say."""
+    reason = (properties.headers or {}).get("x-first-death-reason")
+    return reason if isinstance(reason, str) else None
 
 
 def _give_back(channel: BlockingChannel, tag: int) -> None:

@@ -19,6 +19,7 @@ from standardwebhooks import Webhook as Signer
 from worker.errors import ConfigurationError
 from worker.logs import printable
 from worker.runtime.relay import OutboxEvent
+from worker.runtime.secret_files import ReferenceRefused, confine
 from worker.settings import Settings
 
 _ERROR_BODY_BYTES = 200
@@ -50,6 +51,19 @@ def open_client(settings: Settings) -> httpx.Client:
         follow_redirects=False,
         headers={"user-agent": "postbote"},
     )
+
+
+def target_signer(target: Target, secrets_dir: str | None) -> Signer:
+    """The signer of ``target``'s ``secret_file``, which must lie in the tenant's secrets directory
+    (checked again here: the file system may have changed since the tenant was applied).
+    Raises ``ConfigurationError``."""
+    try:
+        path = confine(
+            target.secret_file, field="webhooks.secret_file", tenant=target.tenant_id, secrets_dir=secrets_dir
+        )
+    except ReferenceRefused as e:
+        raise ConfigurationError(f"tenant {target.tenant_id!r}: {e}") from None
+    return read_signer(path)
 
 
 def read_signer(path: Path) -> Signer:
@@ -132,6 +146,7 @@ __all__ = [
     "open_client",
     "post_event",
     "read_signer",
+    "target_signer",
     "shown_url",
     "targets_of",
 ]

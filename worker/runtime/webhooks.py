@@ -43,8 +43,8 @@ from worker.runtime.webhook_post import (
     event_document,
     open_client,
     post_event,
-    read_signer,
     shown_url,
+    target_signer,
     targets_of,
 )
 from worker.settings import Settings
@@ -273,7 +273,7 @@ def _deliver(
         _move(conn, target, last, safe)
         return
     try:
-        signer = read_signer(target.secret_file)
+        signer = target_signer(target, settings.secrets_dir)
     except ConfigurationError as e:
         outcome = _failed(conn, settings, target, last, events[0], str(e))
         if outcome is not None:

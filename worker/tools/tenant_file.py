@@ -1,8 +1,16 @@
-"""Load a tenant file (YAML or JSON) into PostgreSQL: one transaction, idempotent upsert."""
+"""Load a tenant file (YAML or JSON) into PostgreSQL: one transaction, idempotent upsert.
+
+A tenant file is one tenant administrator's input. Before anything is written, every tenant is
+checked against the operator's :class:`TenantPolicy`: its ``*_file`` paths must lie in its
+secrets directory, ``token_helper`` must name a configured helper, ``token_command`` is refused.
+Inline secrets are sealed with the policy's key ring (:mod:`worker.runtime.secrets_box`).
+"""
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -13,7 +21,47 @@ from pydantic import BaseModel, SecretStr
 
 from schemas.tenant import Tenant, TenantFile
 from worker.db import Connection, translated_errors
+from worker.errors import ConfigurationError
+from worker.job.breaker import reset_breaker
+from worker.job.parking import release_parked
+from worker.runtime.secret_files import refused_references
+from worker.runtime.secrets_box import KeyRing, load_key_ring, seal_secrets
 from worker.runtime.webhooks import track_webhooks
+from worker.settings import Settings
+from worker.vocabulary import Reason
+
+_QUOTED = re.compile(r"'[^']{2,}'|\"[^\"]{2,}\"")
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """What the operator allows a tenant file: the key ring that seals its inline secrets (none:
+    inline secrets are refused), the secrets directory its files must lie in (none: files are
+    refused) and the token helpers it may name."""
+
+    ring: KeyRing | None = None
+    secrets_dir: str | None = None
+    token_helpers: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TenantPolicy:
+        """The policy of ``POSTBOTE_SECRETS_KEY_FILE``, ``POSTBOTE_SECRETS_DIR`` and
+        ``POSTBOTE_TOKEN_HELPERS``.
+
+        Raises:
+          ConfigurationError: the key file is set but unreadable or holds no key.
+        """
+        return cls(
+            load_key_ring(settings.secrets_key_file), settings.secrets_dir, dict(settings.token_helpers)
+        )
+
+
+class TenantFileRefused(ValueError):
+    """The tenant file asks for what the policy does not allow; nothing was applied."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 @dataclass
@@ -31,19 +79,69 @@ def read_tenant_file(path: Path) -> TenantFile:
     return TenantFile.model_validate(data)
 
 
-def apply_tenants(conn: Connection, tenant_file: TenantFile) -> list[TenantChange]:
+def parse_problem(error: yaml.YAMLError | json.JSONDecodeError) -> str:
+    """Where and why a tenant file does not parse: line, column and problem, never the text
+    there (which may be a password or a line of a PEM key)."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"line {error.lineno}, column {error.colno}: {error.msg}"
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or getattr(error, "context", None) or "not valid YAML"
+    # PyYAML quotes what it found in some problems (an alias name, a tag): names, not settings.
+    problem = _QUOTED.sub("'…'", str(problem))
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def check_tenants(tenant_file: TenantFile, policy: TenantPolicy) -> list[str]:
+    """What in the file the policy refuses, each problem naming the tenant and the field."""
+    problems = []
+    for tenant in tenant_file.tenants:
+        for problem in refused_references(
+            _reveal(tenant),
+            tenant=tenant.id,
+            secrets_dir=policy.secrets_dir,
+            token_helpers=dict(policy.token_helpers),
+        ):
+            problems.append(f"tenant {tenant.id}: {problem}")
+    return problems
+
+
+def apply_tenants(
+    conn: Connection, tenant_file: TenantFile, policy: TenantPolicy | None = None
+) -> list[TenantChange]:
     """Upsert every tenant of the file with its groups, employees and grants in one transaction.
 
     Tenants not named in the file are left as they are. Groups, employees and
-    grants of a named tenant are replaced by the file's.
+    grants of a named tenant are replaced by the file's. A tenant whose SMTP settings changed
+    has its login breaker closed (:mod:`worker.job.breaker`), so its jobs held for a failing
+    login go out when they come back, and ``release_parked`` is asked to release them now.
+
+    Raises:
+      TenantFileRefused: the policy (default: no key ring, no secrets directory, no token
+        helpers) refuses a file reference or an inline secret; nothing is applied.
     """
+    policy = policy or TenantPolicy()
+    problems = check_tenants(tenant_file, policy)
+    if problems:
+        raise TenantFileRefused(problems)
     changes = []
-    with translated_errors(), conn.transaction():
-        for tenant in tenant_file.tenants:
-            before = _snapshot(conn, tenant.id)
-            _write(conn, tenant)
-            after = _snapshot(conn, tenant.id)
-            changes.append(_describe(tenant.id, before, after))
+    try:
+        with translated_errors(), conn.transaction():
+            for tenant in tenant_file.tenants:
+                before = _snapshot(conn, tenant.id)
+                _write(conn, tenant, policy, before["settings"] if before else {})
+                after = _snapshot(conn, tenant.id)
+                if (
+                    before is not None
+                    and after is not None
+                    and before["settings"]["smtp"] != after["settings"]["smtp"]
+                ):
+                    reset_breaker(conn, tenant.id)
+                    release_parked(conn, tenant=tenant.id, reason=Reason.LOGIN_FAILING)
+                changes.append(_describe(tenant.id, before, after))
+    except ConfigurationError as e:
+        raise TenantFileRefused([str(e)]) from None
     return changes
 
 
@@ -69,7 +167,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _write(conn: Connection, t: Tenant) -> None:
+def _sealed(
+    model: BaseModel | None, policy: TenantPolicy, t: Tenant, stored: dict[str, Any], column: str
+) -> str | None:
+    """A settings column as stored: the model's JSON with its secrets sealed (``null`` for none)."""
+    if model is None:
+        return None
+    sealed = seal_secrets(_reveal(model), policy.ring, tenant=t.id, previous=stored.get(column), where=column)
+    return json.dumps(sealed)
+
+
+def _write(conn: Connection, t: Tenant, policy: TenantPolicy, stored: dict[str, Any]) -> None:
     conn.execute(
         """
         INSERT INTO tenants (id, smtp, batch_size, pause_ms, archive_bcc, sender_offer, sender_order,
@@ -86,7 +194,7 @@ def _write(conn: Connection, t: Tenant) -> None:
         """,
         {
             "id": t.id,
-            "smtp": json.dumps(_reveal(t.smtp)),
+            "smtp": _sealed(t.smtp, policy, t, stored, "smtp"),
             "batch_size": t.series.batch_size,
             "pause_ms": t.series.pause_ms,
             "archive_bcc": t.archive_bcc,
@@ -96,7 +204,7 @@ def _write(conn: Connection, t: Tenant) -> None:
             "receipt": t.senders.receipt,
             "use_user_mail_data": t.use_user_mail_data,
             "cc_clerk": t.cc_clerk,
-            "dkim": json.dumps(_reveal(t.dkim)) if t.dkim else None,
+            "dkim": _sealed(t.dkim, policy, t, stored, "dkim"),
             "publishers": t.publishers,
         },
     )
@@ -105,6 +213,10 @@ def _write(conn: Connection, t: Tenant) -> None:
         (json.dumps([_reveal(w) for w in t.webhooks]), t.id),
     )
     track_webhooks(conn, t.id, [w.url for w in t.webhooks])
+    conn.execute(
+        "UPDATE tenants SET bounces = %s, suppression = %s WHERE id = %s",
+        (_sealed(t.bounces, policy, t, stored, "bounces"), json.dumps(_reveal(t.suppression)), t.id),
+    )
     conn.execute("DELETE FROM employees WHERE tenant_id = %s", (t.id,))
     conn.execute("DELETE FROM employee_groups WHERE tenant_id = %s", (t.id,))
     for g in t.groups:
@@ -132,7 +244,8 @@ def _write(conn: Connection, t: Tenant) -> None:
 def _snapshot(conn: Connection, tenant_id: str) -> dict[str, Any] | None:
     row = conn.execute(
         "SELECT smtp, batch_size, pause_ms, archive_bcc, sender_offer, sender_order, sender_invoice,"
-        " sender_receipt, use_user_mail_data, cc_clerk, dkim, publishers, webhooks FROM tenants WHERE id = %s",
+        " sender_receipt, use_user_mail_data, cc_clerk, dkim, publishers, webhooks, bounces, suppression"
+        " FROM tenants WHERE id = %s",
         (tenant_id,),
     ).fetchone()
     if row is None:
@@ -182,4 +295,12 @@ def _describe(tenant_id: str, before: dict[str, Any] | None, after: dict[str, An
     return TenantChange(tenant_id, "updated" if details else "unchanged", details)
 
 
-__all__ = ["TenantChange", "apply_tenants", "read_tenant_file"]
+__all__ = [
+    "TenantChange",
+    "TenantFileRefused",
+    "TenantPolicy",
+    "apply_tenants",
+    "check_tenants",
+    "parse_problem",
+    "read_tenant_file",
+]

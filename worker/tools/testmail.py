@@ -22,6 +22,7 @@ from worker.job.recipients import customer_recipients
 from worker.job.senders import Sender
 from worker.job.signature import load_signer, sign_message
 from worker.job.smtp import SmtpPool
+from worker.job.smtp.oauth import TokenHelpers
 from worker.tools.testmail_hints import failure_hints, success_notes
 
 _ADDRESS: TypeAdapter[str] = TypeAdapter(Address)
@@ -47,6 +48,8 @@ class Outcome:
     reason: str | None = None
     error: str | None = None
     hints: tuple[str, ...] = ()
+    dsn: bool | None = None
+    """Whether the server offers DSN, so ``bounces.dsn`` can ask for reports carrying the job id."""
 
 
 def check_address(value: str) -> str:
@@ -106,7 +109,13 @@ def check_sender(account: Account, sender: str) -> None:
 
 
 def send_test_mail(
-    account: Account, *, sender: str, to: str, timeout_ms: int, now: datetime | None = None
+    account: Account,
+    *,
+    sender: str,
+    to: str,
+    timeout_ms: int,
+    now: datetime | None = None,
+    token_helpers: TokenHelpers | None = None,
 ) -> Outcome:
     """Check the sender, compose, sign (when the tenant has DKIM) and send one test mail.
 
@@ -135,7 +144,7 @@ def send_test_mail(
             message = replace(message, data=sign_message(message.data, signer, now=signed_at))
             keys = signer.keys_at(signed_at)
             base = replace(base, dkim=tuple(f"d={k.domain.decode()} s={k.selector.decode()}" for k in keys))
-        pool = SmtpPool(timeout_ms=timeout_ms)
+        pool = SmtpPool(timeout_ms=timeout_ms, token_helpers=token_helpers)
         try:
             delivery = pool.deliver(account.id, smtp, message)
         finally:
@@ -151,6 +160,7 @@ def send_test_mail(
         tls_version=delivery.tls_version,
         auth_method=delivery.auth_method,
         reply=str(delivery.reply),
+        dsn=delivery.dsn,
         hints=success_notes(account, signed=bool(base.dkim)),
     )
 

@@ -158,7 +158,7 @@ def _auth_hints(smtp: Smtp, error: SmtpAuthFailed, reply: str) -> list[str]:
     if smtp.auth == "xoauth2":
         hints.append(
             f"the access token was refused: it may have expired (refresh token_file before expiry,"
-            f" usually hourly; token_command must print a fresh token) or belong to another account than {smtp.user}"
+            f" usually hourly; a token_helper must print a fresh token) or belong to another account than {smtp.user}"
         )
         if microsoft or not google:
             hints.append(
@@ -185,8 +185,9 @@ def _token_hints(smtp: Smtp) -> list[str]:
             " user postbote runs as; whatever refreshes it must replace it before the token expires"
         ]
     return [
-        "run the token_command by hand as the user postbote runs as: it must exit 0 within"
-        " 30 s and print only the access token on standard output"
+        f"run the operator's token helper {smtp.token_helper!r} (POSTBOTE_TOKEN_HELPERS) by hand as the user"
+        " postbote runs as, with POSTBOTE_SMTP_USER set and no other environment: it must exit 0"
+        " in time and print only the access token on standard output"
     ]
 
 

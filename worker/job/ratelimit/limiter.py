@@ -160,6 +160,13 @@ class SeriesLimiter:
             else:
                 self._release(pool.done(local, replied_us=replied_us))
 
+    def expected_wait_ms(self, tenant_id: str) -> int:
+        """How long this process expects ``tenant_id``'s next bulk slot to be away, without asking
+        the backend: what the backend last answered here (0 when nothing is known)."""
+        with self._lock:
+            pool = self._pools.get(tenant_id)
+        return pool.expected_wait_ms() if pool is not None else 0
+
     def close(self) -> None:
         """Hand back every leased slot not in use; the backend stays open."""
         with self._lock:

@@ -132,6 +132,15 @@ class TenantPool:
             # its last finish, which is after now: don't poll before that.
             self._not_before = asked + outcome.next_ask_in_ms / 1000
 
+    def expected_wait_ms(self) -> int:
+        """How long until a slot, as far as this process knows: 0 while a leased slot is free or
+        the backend named no time ahead."""
+        with self._cond:
+            now = time.monotonic()
+            if any(local.unused > 0 and now < local.usable_until for local in self._leases):
+                return 0
+            return _ms(max(self._not_before - now, 0.0))
+
     def done(self, local: LocalLease, *, replied_us: int | None) -> list[LocalLease]:
         """A slot of ``local`` is finished, its reply seen at ``replied_us`` (``None``: the send
         failed); returns the leases to release now."""

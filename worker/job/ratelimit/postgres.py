@@ -22,7 +22,9 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
+from worker.db import AnswerLimited, answer_limit_s, connection_kwargs
 from worker.errors import DatabaseUnavailable
+from worker.settings import DEFAULT_STATEMENT_TIMEOUT_MS
 
 from .backend import Lease, SeriesBackend, Wait
 from .series import check_limits, clock_bound_us
@@ -38,8 +40,13 @@ _RELEASE = "SELECT series_release(%(tenant)s, %(lease_id)s, %(slots)s, %(unused)
 _FORGET_WAITER = "DELETE FROM series_priority_waiters WHERE tenant_id = %(tenant)s AND waiter_id = %(waiter)s"
 # Limiter state is short-lived: waiting for the WAL flush would make every call
 # as slow as an fsync. A database crash may lose the last milliseconds of
-# grants (docs/series.md); nothing else changes.
-_SESSION_SETUP = "SET synchronous_commit TO off"
+# grants (docs/series.md); nothing else changes. Not so where the server waits for a
+# synchronous standby: a failover to it must not lose a grant (a series would be over-full),
+# so there the server's own setting stays (docs/high-availability.md).
+_SESSION_SETUP = (
+    "SELECT set_config('synchronous_commit', 'off', false)"
+    " WHERE current_setting('synchronous_standby_names') = ''"
+)
 
 Row = tuple[object, ...]
 
@@ -53,6 +60,10 @@ class PostgresBackend(SeriesBackend):
         uses one connection, so a process needs about one per concurrently
         acquiring tenant.
       connect_timeout_ms: give up connecting after this long.
+      statement_timeout_ms: PostgreSQL's ``statement_timeout`` of its connections, which also
+        wait no longer than that (and a grace) for an answer (``worker.db.AnswerLimited``);
+        they have keepalives and ``tcp_user_timeout`` as every postbote connection
+        (``worker.db.connection_kwargs``).
       clock_us: for tests only: the time in microseconds to use instead of
         the database clock (``hold_ms`` is then ignored).
 
@@ -65,11 +76,16 @@ class PostgresBackend(SeriesBackend):
         *,
         max_idle_connections: int = 4,
         connect_timeout_ms: int = 5000,
+        statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
         clock_us: Callable[[], int] | None = None,
     ) -> None:
         self._conninfo = conninfo
         self._max_idle = max_idle_connections
-        self._connect_timeout_s = max(1, -(-connect_timeout_ms // 1000))
+        self._connect_kwargs = {
+            **connection_kwargs(conninfo, statement_timeout_ms=statement_timeout_ms),
+            "connect_timeout": max(1, -(-connect_timeout_ms // 1000)),
+        }
+        self._answer_limit_s = answer_limit_s(statement_timeout_ms)
         self._clock_us = clock_us
         self._idle: list[psycopg.Connection[Row]] = []
         self._lock = threading.Lock()
@@ -175,7 +191,9 @@ class PostgresBackend(SeriesBackend):
         if fresh:
             # autocommit: series_acquire commits before it sleeps, which a
             # procedure may only do outside a transaction block.
-            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=self._connect_timeout_s)
+            conn = AnswerLimited.connect(self._conninfo, autocommit=True, **self._connect_kwargs)
+            conn.answer_limit_s = self._answer_limit_s
+            conn.on_unanswered = self.close
         assert conn is not None
         try:
             if fresh:

@@ -22,7 +22,7 @@ from worker.errors import (
     StartTlsUnavailable,
     TlsVerifyFailed,
 )
-from worker.job.smtp.oauth import read_token, xoauth2_response
+from worker.job.smtp.oauth import TokenHelpers, read_token, xoauth2_response
 from worker.job.smtp.replies import SmtpReply, _classify
 from worker.library_internals import smtp_socket
 
@@ -43,14 +43,16 @@ class _Connection:
     """The pool's token for the tenant settings this connection was opened with."""
 
 
-def open_connection(smtp: Smtp, *, timeout_s: float) -> _Connection:
+def open_connection(
+    smtp: Smtp, *, timeout_s: float, token_helpers: TokenHelpers | None = None
+) -> _Connection:
     """Connect, say EHLO, secure the link as configured and log in.
 
     TLS always verifies the certificate; ``security: none`` is the only plaintext mode.
     A failed verification ends the attempt before anything else is said.
     The password or token is read before connecting, so a missing secret costs no connection.
     """
-    login = _login_for(smtp)
+    login = _login_for(smtp, token_helpers)
     context = _tls_context(str(smtp.ca_file) if smtp.ca_file else None)
     local_hostname = smtp.helo or _fqdn()
     try:
@@ -125,11 +127,11 @@ def _fqdn() -> str:
     return socket.getfqdn()
 
 
-def _login_for(smtp: Smtp) -> _Login | None:
+def _login_for(smtp: Smtp, token_helpers: TokenHelpers | None) -> _Login | None:
     if smtp.user is None:
         return None
     if smtp.auth == "xoauth2":
-        return _Login(smtp.user, read_token(smtp), xoauth2=True)
+        return _Login(smtp.user, read_token(smtp, token_helpers), xoauth2=True)
     return _Login(smtp.user, _password(smtp), xoauth2=False)
 
 

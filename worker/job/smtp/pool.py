@@ -16,15 +16,17 @@ from worker.errors import (
     SmtpConnectionError,
     SmtpRejected,
     SmtpTemporaryFailure,
+    TlsVerifyFailed,
 )
+from worker.job.breaker import LoginBreaker
 from worker.job.compose import Composed
 from worker.job.smtp.connect import _Connection, _quit, open_connection
+from worker.job.smtp.oauth import TokenHelpers
 from worker.job.smtp.replies import Delivery
 from worker.job.smtp.transaction import _envelope, _Progress, _transact
 from worker.library_internals import set_smtp_timeout, smtp_socket_closed
 
 _IDLE_CLOSE_S = 30.0
-_LOGIN_COOLDOWN_S = 300.0
 # A server slower than this to accept an envelope ahead of the series slot is
 # not worth holding a connection for: the send then goes the ordinary way.
 _STAGE_TIMEOUT_S = 1.0
@@ -78,8 +80,6 @@ class _Tenant:
     settings: object
     permits: _Permits
     idle: list[_Connection] = field(default_factory=list)
-    login_refused: tuple[object, float, SmtpAuthFailed] | None = None
-    """The settings token, time and error of the last refused login: not tried again for a while."""
 
 
 class SmtpPool:
@@ -88,11 +88,24 @@ class SmtpPool:
     At most ``max_connections`` connections per tenant are open at once (callers
     wait for a free one); a connection is closed after ``max_messages_per_connection``
     messages, after a 421, after an error, and when idle too long.
+
+    With a ``breaker`` (the worker's), a new connection is tried only while the tenant's login
+    is not failing (:mod:`worker.job.breaker`); a refused login or a certificate that does not
+    verify opens the breaker and raises ``MustWait`` instead of the error.
     """
 
-    def __init__(self, *, timeout_ms: int, on_connect: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_ms: int,
+        on_connect: Callable[[str], None] | None = None,
+        token_helpers: TokenHelpers | None = None,
+        breaker: LoginBreaker | None = None,
+    ) -> None:
         self._timeout_s = timeout_ms / 1000
         self._on_connect = on_connect
+        self._token_helpers = token_helpers
+        self._breaker = breaker
         self._lock = threading.Lock()
         self._tenants: dict[str, _Tenant] = {}
 
@@ -256,32 +269,17 @@ class SmtpPool:
             _quit(conn.client)
 
     def _open(self, tenant_id: str, smtp: Smtp, settings: object) -> _Connection:
-        """A new connection, logged in. After a refused login, the same settings are not tried
-        again for ``_LOGIN_COOLDOWN_S``: a provider locks out an account after a few failures,
-        and every queued job would try once. Changed settings are tried at once."""
-        with self._lock:
-            tenant = self._tenants.get(tenant_id)
-            refused = tenant.login_refused if tenant is not None else None
-        if (
-            refused is not None
-            and refused[0] is settings
-            and time.monotonic() - refused[1] < _LOGIN_COOLDOWN_S
-        ):
-            error = refused[2]
-            wait_s = _LOGIN_COOLDOWN_S - (time.monotonic() - refused[1])
-            raise type(error)(
-                f"{error} (not tried again for {wait_s:.0f} s, to spare the account a lockout;"
-                " fix the login and run 'postbote tenants apply')",
-                smtp_reply=error.smtp_reply,
-            )
+        """A new connection, logged in; asks the breaker first, and tells it how the login went."""
+        if self._breaker is not None:
+            self._breaker.admit(tenant_id)
         try:
-            conn = open_connection(smtp, timeout_s=self._timeout_s)
-        except SmtpAuthFailed as e:
-            with self._lock:
-                tenant = self._tenants.get(tenant_id)
-                if tenant is not None:
-                    tenant.login_refused = (settings, time.monotonic(), e)
-            raise
+            conn = open_connection(smtp, timeout_s=self._timeout_s, token_helpers=self._token_helpers)
+        except (SmtpAuthFailed, TlsVerifyFailed) as e:
+            if self._breaker is None:
+                raise
+            raise self._breaker.failed(tenant_id, e) from e
+        if self._breaker is not None:
+            self._breaker.succeeded(tenant_id)
         conn.settings = settings
         if self._on_connect is not None:
             self._on_connect(tenant_id)

@@ -56,6 +56,8 @@ class Delivery:
     error: SmtpTemporaryFailure | SmtpRejected | SmtpConnectionError | None = None
     tls_version: str | None = None
     auth_method: str | None = None
+    dsn: bool | None = None
+    """Whether the server offered the DSN extension (RFC 3461); ``None`` when not asked."""
 
     def failure(self) -> SmtpTemporaryFailure | SmtpRejected | SmtpConnectionError | None:
         """The error of an attempt that reached nobody (``None`` when someone took the message)."""

@@ -60,11 +60,14 @@ def _envelope(
         )
     if "size" in client.esmtp_features:
         options.append(f"SIZE={len(message.data)}")
+    dsn = message.envid is not None and client.has_extn("dsn")
+    if dsn:
+        options += ["RET=HDRS", f"ENVID={_xtext(message.envid or '')}"]
     if progress.open:
         client.rset()
         progress.open = False
     if client.has_extn("pipelining"):
-        return _pipelined_envelope(client, message, progress, options, with_data)
+        return _pipelined_envelope(client, message, progress, options, with_data, dsn=dsn)
     progress.stage = "MAIL FROM"
     _expect(client.mail(message.mail_from, options), progress.stage, client)
     progress.open = True
@@ -72,7 +75,7 @@ def _envelope(
     progress.stage = "RCPT TO"
     while progress.pending:
         rcpt = progress.pending[0]
-        answer = SmtpReply.parse(*client.rcpt(rcpt))
+        answer = SmtpReply.parse(*client.rcpt(rcpt, _rcpt_options(rcpt, dsn)))
         if answer.code == 452 and progress.batch:
             break
         progress.pending.pop(0)
@@ -86,7 +89,13 @@ def _envelope(
 
 
 def _pipelined_envelope(
-    client: smtplib.SMTP, message: Composed, progress: _Progress, options: list[str], with_data: bool
+    client: smtplib.SMTP,
+    message: Composed,
+    progress: _Progress,
+    options: list[str],
+    with_data: bool,
+    *,
+    dsn: bool = False,
 ) -> bool:
     """The envelope in one write; every reply is read before any is judged, so a connection
     that goes on being used never has an answer left unread."""
@@ -95,7 +104,9 @@ def _pipelined_envelope(
     recipients = list(progress.pending)
     extra = "".join(" " + option for option in options)
     commands = [f"MAIL FROM:<{message.mail_from}>{extra}\r\n"]
-    commands += [f"RCPT TO:<{rcpt}>\r\n" for rcpt in recipients]
+    commands += [
+        f"RCPT TO:<{rcpt}>{''.join(' ' + o for o in _rcpt_options(rcpt, dsn))}\r\n" for rcpt in recipients
+    ]
     if with_data:
         commands.append("DATA\r\n")
     progress.stage = "MAIL FROM"
@@ -177,7 +188,30 @@ def _transact(conn: _Connection, message: Composed, progress: _Progress | None =
             reply = SmtpReply.parse(e.smtp_code, e.smtp_error)
             p.refused.update({rcpt: reply for rcpt in p.batch})
         error = _translate(e, p.stage)
-    return Delivery(tuple(p.accepted), p.refused, p.reply, error, conn.tls_version, conn.auth_method)
+    return Delivery(
+        tuple(p.accepted),
+        p.refused,
+        p.reply,
+        error,
+        conn.tls_version,
+        conn.auth_method,
+        client.has_extn("dsn"),
+    )
+
+
+def _rcpt_options(rcpt: str, dsn: bool) -> list[str]:
+    """DSN's RCPT parameters (RFC 3461): reports on failure and delay only, and the original
+    address, so a report names it even after the receiving side rewrote it."""
+    if not dsn:
+        return []
+    return ["NOTIFY=FAILURE,DELAY", f"ORCPT=rfc822;{_xtext(rcpt)}"]
+
+
+def _xtext(value: str) -> str:
+    """RFC 3461 xtext: ``+``, ``=``, controls and non-ASCII as ``+XX``."""
+    return "".join(
+        c if "!" <= c <= "~" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode()) for c in value
+    )
 
 
 def _reaches_customer(message: Composed, progress: _Progress) -> bool:
