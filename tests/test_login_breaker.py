@@ -20,7 +20,7 @@ from worker.job.breaker import LoginBreaker, failing_logins
 from worker.settings import Settings
 from worker.testbed.documents import make_job
 
-JOBS = 100
+JOBS = 500
 HOLD_MS = 5000
 
 

@@ -1,5 +1,5 @@
 """A matched report applied to the ledger in one transaction (``postbote_record_bounce``, migration
-0013): the recipient's state and reply, the job's status, the event, the suppression entry."""
+0012): the recipient's state and reply, the job's status, the event, the suppression entry."""
 
 from __future__ import annotations
 

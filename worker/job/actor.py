@@ -70,7 +70,7 @@ from worker.job.ledger import (
 from worker.job.outcome import AttemptRecord, Fate, settle
 from worker.job.parking import Check, before_data, park
 from worker.job.ratelimit import PostgresBackend, SeriesLimiter
-from worker.job.recipients import recipients_for
+from worker.job.recipients import customer_recipients, recipients_for
 from worker.job.senders import resolve_sender
 from worker.job.signature import DkimSigner, load_signer, sign_message
 from worker.job.smtp import Delivery, SmtpPool
@@ -204,8 +204,9 @@ class Pipeline:
         if account.publishers is not None and publisher not in account.publishers:
             who = f"RabbitMQ user {publisher!r}" if publisher else "a message without a user_id property"
             raise PublisherNotPermitted(f"{who} may not publish jobs for tenant {job.tenant!r}")
-        with self.db.connection() as conn:
-            hold_if_suppressed(conn, job)
+        if claim.suppressed:
+            with self.db.connection() as conn:
+                hold_if_suppressed(conn, job)
         message, fates = self._prepare(job, account, claim)
         attempt_started = time.time()
         delivery = self._transmit(job, account, message, claimed_at, claim_ms)
@@ -247,6 +248,7 @@ class Pipeline:
                 published_ms=published if isinstance(published, int) else None,
                 parking=parking,
                 series_wait_ms=series_wait_ms,
+                customers=[r.address for r in customer_recipients(job).envelope],
             )
         if claim.claim is Claim.PARKED:
             log_outcome(

@@ -66,10 +66,12 @@ class ClaimResult:
     detail: str | None = None
     wait_ms: int | None = None
     """For ``PARK``: how long (``None``: until released)."""
+    suppressed: bool = False
+    """For ``CLAIMED``/``TAKEN_OVER``: a customer-facing address is on the suppression list."""
 
 
 _CLAIM = "SELECT postbote_claim(%s::jsonb, %s) AS claim"
-"""Claim, directives, expiry and schedule in one statement (deploy/migrations/0011)."""
+"""Claim, directives, expiry and schedule in one statement (deploy/migrations/0013)."""
 
 
 def claim_job(
@@ -83,6 +85,7 @@ def claim_job(
     published_ms: int | None = None,
     parking: tuple[str, bytes] | None = None,
     series_wait_ms: int | None = None,
+    customers: Sequence[str] = (),
 ) -> ClaimResult:
     """Claim ``job`` for ``holder`` for ``claim_ms``, counting the attempt (see the stale-claim
     rule), unless a directive, the job's expiry or its schedule decides otherwise: a matching
@@ -92,7 +95,8 @@ def claim_job(
 
     ``parking`` (queue, encoded message) lets a job that must wait be parked in the same
     statement (``PARKED``); with ``series_wait_ms`` too, a job nothing else stops is parked for
-    its series slot that far away.
+    its series slot that far away. ``customers``: the customer-facing addresses, looked up in
+    the tenant's suppression list (``suppressed``).
     """
     fields = {
         "job_id": str(job.job_id),
@@ -108,6 +112,7 @@ def claim_job(
         "expires_at": job.expires_at.isoformat() if job.expires_at else None,
         "queue": parking[0] if parking else None,
         "series_wait_ms": series_wait_ms if parking else None,
+        "customers": [address.lower() for address in customers],
     }
     with translated_errors():
         row = conn.execute(_CLAIM, (json.dumps(fields), parking[1] if parking else None)).fetchone()
@@ -124,6 +129,7 @@ def claim_job(
         reason=Reason(reason) if reason else None,
         detail=answer.get("detail"),
         wait_ms=int(answer["wait_ms"]) if answer.get("wait_ms") is not None else None,
+        suppressed=bool(answer.get("suppressed")),
     )
 
 

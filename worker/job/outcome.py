@@ -143,7 +143,8 @@ def judge(
             smtp_reply=_worst(waiting),
             settled=settled,
         )
-    refused = [f for f in customers if f.state is RecipientState.REFUSED]
+    # A bounce report may have come in for a recipient while others still waited.
+    refused = [f for f in customers if f.state in (RecipientState.REFUSED, RecipientState.BOUNCED)]
     if not reached:
         if isinstance(error, PermanentError) and not isinstance(error, RecipientsRefused):
             reason, detail = error.reason, str(error)
