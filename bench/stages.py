@@ -43,6 +43,7 @@ PURE_STAGES = ("validate", "payload_digest", "compose_message", "sign_message", 
 STAGES_OF_ACTORS = (
     "payload_digest",
     "claim_job",
+    "before_data",
     "resolve_sender",
     "compose_message",
     "sign_message",

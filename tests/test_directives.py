@@ -53,7 +53,9 @@ def tenant() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
 
 
-def test_a_job_past_its_last_check_is_too_late_to_cancel_and_is_counted_in_flight(db: Connection) -> None:
+def test_a_job_past_its_check_before_data_is_too_late_to_cancel_and_is_counted_in_flight(
+    db: Connection,
+) -> None:
     t = tenant()
     job = claimed(db, t)
     assert before_data(db, job.job_id, holder=HOLDER) is Check.GO
@@ -63,7 +65,7 @@ def test_a_job_past_its_last_check_is_too_late_to_cancel_and_is_counted_in_fligh
     assert (counts.cancelled, counts.in_flight, counts.waiting) == (0, 1, 0)
 
 
-def test_a_job_claimed_before_the_cancel_but_not_past_its_check_is_cancelled_and_its_worker_stops(
+def test_a_job_claimed_before_the_cancel_is_cancelled_at_its_workers_check_before_data(
     db: Connection,
 ) -> None:
     t = tenant()
@@ -71,8 +73,9 @@ def test_a_job_claimed_before_the_cancel_but_not_past_its_check_is_cancelled_and
     directive, given_at = cancel(
         db, Scope(tenant=t, doc_types=("dunning",)), reason="wrong template", by="op@host"
     )
+    assert status_of(db, job) == "sending"
+    assert before_data(db, job.job_id, holder=HOLDER) is Check.CANCELLED
     assert status_of(db, job) == "cancelled"
-    assert before_data(db, job.job_id, holder=HOLDER) is Check.LOST
     counts = cancel_counts(db, directive_scope(db, directive), directive=directive, given_at=given_at)
     assert (counts.cancelled, counts.in_flight, counts.waiting) == (1, 0, 0)
 

@@ -1,9 +1,12 @@
 -- Operator control: pause and cancel directives, parked jobs, schedule and expiry.
 --
 -- A directive is checked in the same statement that claims a job and again just before DATA
--- (postbote_before_data), under the job's row lock, so each job's race between a cancel and
--- its send has one answer. A job that must wait (paused, scheduled, series slot far away) is
--- parked here with its message and acknowledged; the releaser republishes it when due.
+-- (postbote_before_data). A cancel ends at once every matching job that waits (retrying, held,
+-- scheduled); a claimed one is ended by its worker's check before DATA, or, if that check ran
+-- before the cancel was committed, it is sent. So each job's race between a cancel and its
+-- send has one answer, and the check before DATA writes nothing on the way to a send. A job
+-- that must wait (paused, scheduled, series slot far away) is parked here with its message and
+-- acknowledged; the releaser republishes it when due.
 
 ALTER TABLE deliveries DROP CONSTRAINT deliveries_status_check;
 ALTER TABLE deliveries ADD CONSTRAINT deliveries_status_check CHECK (status IN (
@@ -13,11 +16,7 @@ ALTER TABLE deliveries
     ADD COLUMN published_at timestamptz,
     ADD COLUMN not_before   timestamptz,
     ADD COLUMN expires_at   timestamptz,
-    ADD COLUMN data_at      timestamptz,
     ADD COLUMN cancelled_by bigint;
-
-COMMENT ON COLUMN deliveries.data_at IS
-    'Set when the claim holder passed the last check before DATA: from then on a cancel is too late.';
 
 CREATE TABLE directives (
     id               bigserial   PRIMARY KEY,
@@ -92,7 +91,7 @@ LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE deliveries SET status = p_status, reason = p_status, detail = p_detail, cancelled_by = p_directive,
         attempts = CASE WHEN status = 'sending' THEN greatest(attempts - 1, 0) ELSE attempts END,
-        claimed_by = NULL, claimed_until = NULL, data_at = NULL, next_attempt_at = NULL, message = NULL,
+        claimed_by = NULL, claimed_until = NULL, next_attempt_at = NULL, message = NULL,
         updated_at = clock_timestamp()
     WHERE job_id = p_job;
     DELETE FROM parked_jobs WHERE job_id = p_job;
@@ -154,7 +153,7 @@ BEGIN
         END IF;
         UPDATE deliveries SET status = 'sending', attempts = attempts + 1, takeovers = takeovers + v_takeovers,
             claimed_by = v_holder, claimed_until = v_now + (p->>'claim_ms')::bigint * interval '1 ms',
-            data_at = NULL, updated_at = v_now
+            updated_at = v_now
         WHERE job_id = v_job
         RETURNING attempts INTO v_attempts;
         DELETE FROM parked_jobs WHERE job_id = v_job;
@@ -213,7 +212,7 @@ DECLARE
     v_before parked_jobs;
 BEGIN
     UPDATE deliveries SET status = p->>'status', reason = p->>'reason', detail = p->>'detail',
-        attempts = greatest(attempts - 1, 0), claimed_by = NULL, claimed_until = NULL, data_at = NULL,
+        attempts = greatest(attempts - 1, 0), claimed_by = NULL, claimed_until = NULL,
         next_attempt_at = v_due, updated_at = clock_timestamp()
     WHERE job_id = v_job AND claimed_by = p->>'holder' AND status = 'sending'
     RETURNING * INTO v_row;
@@ -238,16 +237,17 @@ BEGIN
 END;
 $$;
 
--- The last check before DATA, made by the claim holder after its series slot: 'go' (from now
--- on a cancel is too late: data_at is set), 'cancelled' or 'expired' (ended here), 'paused'
--- (park it), or 'lost' (the claim is no longer this holder's, or a cancel ended the job).
+-- The last check before DATA, made by the claim holder after its series slot: 'go' (a cancel
+-- committed after this read is too late for the job), 'cancelled' or 'expired' (ended here),
+-- 'paused' (park it), or 'lost' (the claim is no longer this holder's). Reads only, unless it
+-- ends the job.
 CREATE FUNCTION postbote_before_data(p_job uuid, p_holder text) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
     v_row deliveries;
     v_directive directives;
 BEGIN
-    SELECT * INTO v_row FROM deliveries WHERE job_id = p_job FOR UPDATE;
+    SELECT * INTO v_row FROM deliveries WHERE job_id = p_job;
     IF NOT FOUND OR v_row.status <> 'sending' OR v_row.claimed_by IS DISTINCT FROM p_holder THEN
         RETURN 'lost';
     END IF;
@@ -264,13 +264,12 @@ BEGIN
     IF v_directive.kind = 'pause' THEN
         RETURN 'paused';
     END IF;
-    UPDATE deliveries SET data_at = clock_timestamp() WHERE job_id = p_job;
     RETURN 'go';
 END;
 $$;
 
--- Carry out a cancel directive on the jobs the ledger knows: every matching job that has not
--- passed its last check before DATA ends cancelled. Returns how many.
+-- Carry out a cancel directive on the jobs the ledger knows: every matching job that waits
+-- ends cancelled (a claimed one is left to its worker's check before DATA). Returns how many.
 CREATE FUNCTION postbote_apply_cancel(p_directive bigint) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -281,8 +280,7 @@ BEGIN
     SELECT * INTO v_directive FROM directives WHERE id = p_directive;
     FOR v_job IN
         SELECT d.job_id FROM deliveries d
-        WHERE d.status IN ('sending', 'retrying', 'held', 'scheduled')
-          AND (d.status <> 'sending' OR d.data_at IS NULL)
+        WHERE d.status IN ('retrying', 'held', 'scheduled')
           AND (d.job_id = ANY (v_directive.job_ids)
                OR (v_directive.job_ids IS NULL AND d.tenant_id = v_directive.tenant_id
                    AND (v_directive.doc_types IS NULL OR d.doc_type = ANY (v_directive.doc_types))
@@ -291,10 +289,9 @@ BEGIN
         ORDER BY d.job_id
         FOR UPDATE OF d
     LOOP
-        -- Locked rows are read again as they are now: one may have passed its check meanwhile.
+        -- Locked rows are read again as they are now: one may have been claimed meanwhile.
         IF EXISTS (SELECT 1 FROM deliveries WHERE job_id = v_job
-                   AND status IN ('sending', 'retrying', 'held', 'scheduled')
-                   AND (status <> 'sending' OR data_at IS NULL)) THEN
+                   AND status IN ('retrying', 'held', 'scheduled')) THEN
             PERFORM postbote_end_unsent(v_job, 'cancelled',
                 concat_ws(': ', 'cancelled by ' || v_directive.created_by, v_directive.reason), p_directive);
             v_count := v_count + 1;

@@ -47,7 +47,11 @@ def kill_leftovers() -> list[int]:
         owner = str(Path(pid_file).parent.parent)
         with contextlib.suppress(OSError, ValueError, IndexError):
             pid = int(Path(pid_file).read_text().split()[0])
-            if owner.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            # A PostgreSQL server names its directory in its command line, a RabbitMQ node in
+            # its environment.
+            if any(
+                owner.encode() in Path(f"/proc/{pid}/{part}").read_bytes() for part in ("cmdline", "environ")
+            ):
                 for each in [*_children(pid), pid]:
                     _signal(each, signal.SIGCONT)
                     _signal(each, signal.SIGKILL)

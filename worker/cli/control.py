@@ -232,8 +232,9 @@ def _print_counts(counts: CancelCounts, as_json: bool, *, final: bool) -> None:
         print(f"ended otherwise {counts.other}")
     if not final:
         print(
-            f"{counts.in_flight} in flight will be sent; jobs still queued in RabbitMQ end cancelled when a"
-            " worker takes them ('--wait' waits for all of it)"
+            f"{counts.in_flight} held by workers now end at their last check before DATA (cancelled, or"
+            " sent if it came first); jobs still queued in RabbitMQ end cancelled when a worker takes them"
+            " ('--wait' waits for all of it)"
         )
 
 
@@ -243,7 +244,7 @@ def _print_dry_run(counts: CancelCounts, as_json: bool) -> None:
         return
     print(f"would cancel {counts.waiting}")
     print(f"already sent {counts.already_sent}")
-    print(f"in flight (too late) {counts.in_flight}")
+    print(f"held by workers now {counts.in_flight}")
     print("(and any matching job still queued in RabbitMQ, which the ledger has not seen yet)")
 
 

@@ -3,9 +3,10 @@
 A directive is a row in ``directives``; the worker reads it when it claims a job and again just
 before DATA (``postbote_directive_for``), so a pause or a cancel reaches every worker on every
 host at once and survives restarts. A pause holds the tenant's jobs (every document type but
-receipts, unless named) until it is lifted; a cancel ends every matching job that has not
-passed its last check before DATA, now (``postbote_apply_cancel``) and whenever one is claimed
-later. Who gave a directive, when and why stays in the table.
+receipts, unless named) until it is lifted. A cancel ends every matching job that waits at
+once (``postbote_apply_cancel``); a job a worker holds is ended by that worker's check before
+DATA, unless the check ran before the cancel was committed (then it is sent); a job still in
+RabbitMQ ends when a worker claims it. Who gave a directive, when and why stays in the table.
 """
 
 from __future__ import annotations
@@ -123,11 +124,11 @@ class CancelCounts:
     already_sent: int
     """Sent (or partial) before the cancel was given."""
     in_flight_sent: int
-    """Past their last check when the cancel came, and sent."""
+    """Sent after the cancel was given: their check before DATA came first."""
     in_flight: int
-    """Past their last check and not yet recorded: they will be sent."""
+    """Held by a worker now: its check before DATA decides (cancelled, or sent)."""
     waiting: int
-    """Not ended and not past their last check: a cancel ends them."""
+    """Waiting (retrying, held, scheduled): a cancel ends them."""
     other: int
     """Ended otherwise (failed, expired, cancelled by another directive)."""
 
@@ -143,8 +144,8 @@ class CancelCounts:
 
 
 def cancel(conn: Connection, scope: Scope, *, reason: str | None, by: str) -> tuple[int, datetime]:
-    """Store a cancel directive and end every matching job the ledger knows that has not passed
-    its last check before DATA. Jobs still in RabbitMQ end when a worker claims them. Without
+    """Store a cancel directive and end every matching job the ledger knows that waits; the ones
+    workers hold end at their check before DATA, those still in RabbitMQ when claimed. Without
     ``published_before``, a tenant-wide cancel covers the jobs published before now. Returns
     the directive's id and when it was given."""
     with translated_errors():
@@ -164,8 +165,7 @@ def cancel(conn: Connection, scope: Scope, *, reason: str | None, by: str) -> tu
                 ),
             ).fetchone()
         assert row is not None
-        # A second transaction: a worker's check that began before the directive was committed
-        # and passed is seen here as past DATA (data_at), never cancelled behind its back.
+        # A second transaction, after the directive is visible to every worker's check.
         with conn.transaction():
             conn.execute("SELECT postbote_apply_cancel(%s)", (row["id"],))
     return int(row["id"]), row["created_at"]
@@ -184,9 +184,8 @@ def cancel_counts(
             " count(*) FILTER (WHERE d.status IN ('sent', 'partial') AND (%s::timestamptz IS NULL"
             "     OR d.sent_at < %s)) AS already_sent,"
             " count(*) FILTER (WHERE d.status IN ('sent', 'partial') AND d.sent_at >= %s) AS in_flight_sent,"
-            " count(*) FILTER (WHERE d.status = 'sending' AND d.data_at IS NOT NULL) AS in_flight,"
-            " count(*) FILTER (WHERE d.status IN ('retrying', 'held', 'scheduled')"
-            "     OR (d.status = 'sending' AND d.data_at IS NULL)) AS waiting,"
+            " count(*) FILTER (WHERE d.status = 'sending') AS in_flight,"
+            " count(*) FILTER (WHERE d.status IN ('retrying', 'held', 'scheduled')) AS waiting,"
             " count(*) FILTER (WHERE d.status IN ('failed', 'expired')"
             "     OR (d.status = 'cancelled' AND d.cancelled_by IS DISTINCT FROM %s)) AS other"
             f" FROM deliveries d WHERE {clause}",
