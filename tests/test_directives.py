@@ -83,16 +83,7 @@ def test_a_job_claimed_before_the_cancel_is_cancelled_at_its_workers_check_befor
 def test_a_parked_job_is_cancelled_and_forgotten_and_a_later_job_is_not(db: Connection) -> None:
     t = tenant()
     job = claimed(db, t)
-    assert park(
-        db,
-        job.job_id,
-        holder=HOLDER,
-        reason=Reason.PAUSED,
-        status=Status.HELD,
-        wait_ms=None,
-        queue="q",
-        message=b"m",
-    )
+    assert parked(db, job)
     cancel(db, Scope(tenant=t), reason=None, by="op@host")
     assert status_of(db, job) == "cancelled"
     assert db.execute("SELECT 1 FROM parked_jobs WHERE job_id = %s", (job.job_id,)).fetchone() is None
@@ -110,16 +101,7 @@ def test_a_pause_parks_at_the_claim_and_at_the_last_check_and_resume_makes_held_
     job = Job.model_validate(make_job(t, "invoice", 2, user_id="u1", to="kunde@example.com"))
     result = claim_job(db, job, hashlib.sha256(job.dump_json()).hexdigest(), holder=HOLDER, claim_ms=60_000)
     assert (result.claim, result.reason, result.status) == (Claim.PARK, Reason.PAUSED, Status.HELD)
-    assert park(
-        db,
-        job.job_id,
-        holder=HOLDER,
-        reason=Reason.PAUSED,
-        status=Status.HELD,
-        wait_ms=None,
-        queue="q",
-        message=b"m",
-    )
+    assert parked(db, job)
     receipt = Job.model_validate(make_job(t, "receipt", 3, user_id="u1", to="kunde@example.com"))
     assert (
         claim_job(
