@@ -29,6 +29,7 @@ from bench.harness import (  # noqa: E402
     machine,
     percentile,
     process_tree,
+    service_pids,
     start_workers,
     stop,
 )
@@ -67,18 +68,6 @@ def small_job(tenant: str, doc_type: str, n: int) -> Job:
     job = make_job(tenant, doc_type, n, user_id="u1", to=f"kunde{n:05d}@example.com")
     job["attachments"] = []
     return Job.model_validate(job)
-
-
-def postgres_pids() -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if (proc / "comm").read_text().strip() == "postgres":
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
 
 
 def main() -> int:
@@ -139,7 +128,7 @@ def main() -> int:
             sender.join()
             a_during = len(a.arrivals)
             pids = process_tree(worker.pid)
-            pg = postgres_pids()
+            pg = service_pids("postgres")
             cpu_before = {pid: cpu_seconds([pid]) for pid in [*pids, *pg]}
             watch_started = time.monotonic()
             time.sleep(args.watch_s)

@@ -108,10 +108,20 @@ def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
 
 
 def start_workers(
-    settings: Settings, *, processes: int, threads: int, log: Path, pin_cpus: bool = False, **overrides: Any
+    settings: Settings,
+    *,
+    processes: int | None,
+    threads: int | None,
+    log: Path,
+    pin_cpus: bool = False,
+    **overrides: Any,
 ) -> subprocess.Popen[bytes]:
-    cli = [sys.executable, "-m", "worker", "worker"]
-    argv = [*cli, "--processes", str(processes), "--threads", str(threads)]
+    """``postbote worker``; a count left ``None`` is the command's own default."""
+    argv = [sys.executable, "-m", "worker", "worker"]
+    if processes is not None:
+        argv += ["--processes", str(processes)]
+    if threads is not None:
+        argv += ["--threads", str(threads)]
     if pin_cpus:
         argv.append("--pin-cpus")
     return spawn(argv, env_for(settings, **overrides), log)
@@ -204,6 +214,19 @@ def process_tree(pid: int) -> list[int]:
             continue
         todo.extend(int(c) for c in children)
     return out
+
+
+def service_pids(command: str) -> list[int]:
+    """The processes whose command name is ``command`` (``postgres``, ``beam.smp``, ``smtp-sink``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if (proc / "comm").read_text().strip() == command:
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -9,7 +9,8 @@ with the thread's CPU clock. Then it replays the arguments the pure stages got
 in a tight loop of their own. A stage between the others costs several times
 what it costs alone: the rest of the mail has pushed its code and data out of
 the caches. What the real worker spends beyond the sum (``bench/throughput.py``
-prints its CPU per mail) goes to dramatiq, pika and the thread hand-offs.
+prints its CPU per mail) goes to dramatiq, pika and the thread hand-offs. Last, the CPU
+the database's own server processes spent per mail on the pipeline's connections.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import worker.job.actor  # noqa: E402
-from bench.harness import apply_tenant, bench_settings, machine, smtp_sink  # noqa: E402
+from bench.harness import apply_tenant, bench_settings, cpu_seconds, machine, smtp_sink  # noqa: E402
 from bench.throughput import bench_tenant, workload  # noqa: E402
 from schemas.job import Job  # noqa: E402
+from worker.db import connect  # noqa: E402
 from worker.job.actor import Pipeline  # noqa: E402
 from worker.job.signature import SigningKey  # noqa: E402
 from worker.logs import configure_logging  # noqa: E402
@@ -124,10 +126,13 @@ def main() -> int:
                     stack.enter_context(stages.timing(worker.job.actor, name, name))
                 stack.enter_context(stages.timing(SigningKey, "sign_digest", RSA))
                 stack.enter_context(stages.timing(pipeline.smtp, "deliver", "smtp"))
+                backends = database_backends(settings.database_url)
+                backends_started = cpu_seconds(backends)
                 started = time.thread_time()
                 for job in jobs[warm_up:]:
                     pipeline.process(job)
                 total = time.thread_time() - started
+                database = cpu_seconds(backends) - backends_started
             alone = {stage: stages.alone(stage) for stage in PURE_STAGES}
         finally:
             pipeline.close()
@@ -146,7 +151,19 @@ def main() -> int:
             print(f"{RSA:28}{rsa_part * 1e6:17.0f}")
     print(f"{'everything else':28}{(total / args.mails - measured) * 1e6:17.0f}")
     print(f"{'total':28}{total / args.mails * 1e6:17.0f}")
+    print(
+        f"\nPostgreSQL, its server processes for the pipeline: {database / args.mails * 1e6:.0f} µs per mail"
+    )
     return 0
+
+
+def database_backends(url: str) -> list[int]:
+    """The server processes of the connections to the database of ``url`` (the pipeline's pool)."""
+    with connect(url) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return [row["pid"] for row in rows]
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from schemas.constants import DRAMATIQ_MESSAGES_IN_PROGRESS, METRIC_MAILS_SENT, 
 from tests.support.ledger import wait_final
 from tests.support.observe import http_get, metrics_when, sample, wait_for, wait_metrics
 from tests.support.services import RunningWorker, send_jobs
+from worker.cli.run import fills_cpus
 from worker.db import Connection
 from worker.settings import Settings
 from worker.testbed.documents import make_job
@@ -75,6 +76,25 @@ def test_a_killed_worker_process_is_replaced_and_its_in_progress_gauge_dropped(
 def _thread_cpus(pid: int) -> set[frozenset[int]]:
     """The CPU sets of every thread of ``pid``."""
     return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_processes_are_pinned_by_default_only_when_they_fill_every_cpu() -> None:
+    usable = len(os.sched_getaffinity(0))
+    assert fills_cpus(usable)
+    assert fills_cpus(usable + 1)
+    assert not fills_cpus(usable - 1) or usable == 1
+
+
+def test_no_pin_cpus_leaves_the_processes_on_every_cpu(own_queues: Settings) -> None:
+    cpus = frozenset(os.sched_getaffinity(0))
+    running = RunningWorker(own_queues, processes=len(cpus), threads=2, options=("--no-pin-cpus",))
+    try:
+        pids = wait_for(
+            lambda: p if len(p := _ready_pids(running.output())) == len(cpus) else None, what="the processes"
+        )
+        assert all(_thread_cpus(pid) == {cpus} for pid in pids)
+    finally:
+        running.stop()
 
 
 def test_pinned_worker_processes_run_on_a_cpu_each_and_a_replacement_on_the_dead_ones(

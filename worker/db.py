@@ -167,27 +167,35 @@ def make_pool(
             conn.answer_limit_s = limit
             conn.on_unanswered = pool.drain
 
-    pool: ConnectionPool[Connection] = ConnectionPool(
+    pool = WorkerPool(
         database_url,
         connection_class=AnswerLimited,
         min_size=0,
         max_size=max(1, max_size),
         kwargs={"row_factory": dict_row, "autocommit": True, **kwargs},
         configure=configure,
-        reset=_drop_if_read_only,
         open=True,
         name="postbote",
     )
     return pool
 
 
-def _drop_if_read_only(conn: Connection) -> None:
+class WorkerPool(ConnectionPool[Connection]):
+    """A pool whose connections go back in the thread that used them, checked for a read-only
+    server on the way; a ``reset`` callback would hand every return to the pool's own threads."""
+
+    def putconn(self, conn: Connection) -> None:
+        if not conn.closed and _read_only(conn):
+            conn.close()
+        super().putconn(conn)
+
+
+def _read_only(conn: Connection) -> bool:
     # The server reports both (PostgreSQL 14 and later), so this costs no round trip.
     info = conn.info
-    if info.parameter_status("in_hot_standby") == "on" or (
+    return info.parameter_status("in_hot_standby") == "on" or (
         info.parameter_status("default_transaction_read_only") == "on"
-    ):
-        raise psycopg.OperationalError("the server is read-only (a standby?): connection dropped")
+    )
 
 
 def storable(text: str) -> str:

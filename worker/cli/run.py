@@ -24,8 +24,10 @@ def register(subparsers: Any) -> None:
     )
     worker.add_argument(
         "--pin-cpus",
-        action="store_true",
-        help="run each worker process on one CPU of its own, round robin (Linux; for hosts given to postbote)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run each worker process on one CPU of its own, round robin (Linux). Default: on when "
+        "the processes are at least as many as the CPUs postbote may use, off otherwise",
     )
     worker.set_defaults(func=run_worker)
     check = subparsers.add_parser("check", help="exit 0 when broker and database are reachable")
@@ -36,15 +38,25 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     from worker.runtime.supervisor import supervise
 
     configure_logging(settings.log_format)
-    if args.pin_cpus and not hasattr(os, "sched_setaffinity"):
+    can_pin = hasattr(os, "sched_setaffinity")
+    if args.pin_cpus and not can_pin:
         return fail("--pin-cpus needs an operating system that can pin processes to CPUs (Linux)", code=2)
+    pin_cpus = args.pin_cpus if args.pin_cpus is not None else can_pin and fills_cpus(args.processes)
     return supervise(
         settings,
         processes=args.processes,
         threads=args.threads,
         receipt_threads=args.receipt_threads,
-        pin_cpus=args.pin_cpus,
+        pin_cpus=pin_cpus,
     )
+
+
+def fills_cpus(processes: int) -> bool:
+    """Whether ``processes`` worker processes use every CPU this process may run on. Then pinning
+    each to one CPU of its own keeps a process's threads, and the interpreter lock they hand
+    each other, on one core's caches, and leaves no CPU idle; with fewer processes than CPUs,
+    pinning could crowd them onto CPUs other programs use."""
+    return processes >= len(os.sched_getaffinity(0))
 
 
 def run_check(args: argparse.Namespace, settings: Settings) -> int:
