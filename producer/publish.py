@@ -1,19 +1,14 @@
-"""Validate jobs, then publish them persistently with publisher confirms."""
+"""Publish validated jobs persistently with publisher confirms."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
-
-from pydantic import ValidationError
 
 from producer.confirms import ConfirmError, publish_confirmed
 from producer.envelope import encode, encode_job
 from producer.queues import QueueType, broker_parameters
-from schemas.constants import DEFAULT_MAX_JOB_BYTES
 from schemas.job import Job
 
 
@@ -25,70 +20,6 @@ class PublishError(Exception):
         super().__init__(message)
         self.confirmed_count = confirmed_count
         self.confirmed = list(confirmed)
-
-
-@dataclass(frozen=True)
-class InvalidLine:
-    """One invalid input line: where, which field, what is wrong."""
-
-    line: int
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"line {self.line}: {self.field}: {self.message}"
-
-
-def parse_jobs(
-    text: str, *, max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
-) -> tuple[list[Job], list[InvalidLine]]:
-    """Parse one JSON object or JSON lines; every line is validated before anything is published."""
-    stripped = text.strip()
-    if not stripped:
-        return [], [InvalidLine(1, "input", "no job given")]
-    if stripped.startswith("{") and "\n" in stripped:
-        try:
-            return _validate_all([(1, json.loads(stripped))], max_job_bytes)
-        except json.JSONDecodeError:
-            pass
-    items: list[tuple[int, Any]] = []
-    errors: list[InvalidLine] = []
-    # JSON lines end in LF (CRLF tolerated); str.splitlines() would also split inside a JSON
-    # string at U+2028, U+0085 and other line breaks JSON allows unescaped.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            items.append((number, json.loads(line)))
-        except json.JSONDecodeError as e:
-            errors.append(InvalidLine(number, "json", f"not valid JSON ({e.msg} at column {e.colno})"))
-    jobs, invalid = _validate_all(items, max_job_bytes)
-    return jobs, errors + invalid
-
-
-def _validate_all(
-    items: Iterable[tuple[int, Any]], max_job_bytes: int
-) -> tuple[list[Job], list[InvalidLine]]:
-    jobs: list[Job] = []
-    errors: list[InvalidLine] = []
-    seen: dict[UUID, int] = {}
-    for number, data in items:
-        if not isinstance(data, dict):
-            errors.append(InvalidLine(number, "job", "must be a JSON object"))
-            continue
-        try:
-            job = Job.model_validate(data, context={"max_job_bytes": max_job_bytes})
-        except ValidationError as e:
-            for item in e.errors():
-                where = ".".join(str(p) for p in item["loc"]) or "job"
-                errors.append(InvalidLine(number, where, item["msg"]))
-            continue
-        if job.job_id in seen:
-            errors.append(InvalidLine(number, "job_id", f"same job id as line {seen[job.job_id]}"))
-            continue
-        seen[job.job_id] = number
-        jobs.append(job)
-    return jobs, errors
 
 
 def publish(
@@ -140,4 +71,4 @@ def _publish_encoded(messages: list[tuple[str, bytes]], broker_url: str, queue_t
         raise PublishError(str(e), confirmed_count=e.confirmed) from e
 
 
-__all__ = ["InvalidLine", "PublishError", "parse_jobs", "publish", "publish_messages"]
+__all__ = ["PublishError", "publish", "publish_messages"]

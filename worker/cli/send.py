@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from producer import PublishError, parse_jobs, publish
+from producer import PublishError, publish, read_jobs
 from worker.cli.output import fail
 from worker.settings import Settings
 
@@ -25,15 +25,14 @@ def register(subparsers: Any) -> None:
 def run_send(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.file == "-":
-            text = sys.stdin.read()
+            jobs, errors = read_jobs(sys.stdin, max_job_bytes=settings.max_job_bytes)
         else:
             with open(args.file, encoding="utf-8") as f:
-                text = f.read()
+                jobs, errors = read_jobs(f, max_job_bytes=settings.max_job_bytes)
     except OSError as e:
         return fail(f"cannot read {args.file}: {e.strerror}", code=2)
     except UnicodeDecodeError:
         return fail(f"{args.file} is not UTF-8 text", code=2)
-    jobs, errors = parse_jobs(text, max_job_bytes=settings.max_job_bytes)
     if errors:
         for error in errors[:20]:
             print(f"postbote: invalid job: {error}", file=sys.stderr)
