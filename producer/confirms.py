@@ -65,23 +65,27 @@ def publish_confirmed(
     *,
     window: int = 2000,
     queue_type: QueueType = "classic",
+    queues: Sequence[str] | None = None,
 ) -> None:
     """Publish ``(queue, body)`` pairs persistently; return when the broker confirmed all of them.
 
     ``parameters`` may list several nodes of a cluster: each is tried in turn (twice round, a
-    second apart), each going on from the first message not confirmed yet.
+    second apart), each going on from the first message not confirmed yet. ``queues`` names the
+    queues the messages go to, where the caller knows them without reading every message.
 
     Raises:
       ConfirmError: no node confirmed every message; ``confirmed`` counts the leading ones that were.
     """
     nodes = [parameters] if isinstance(parameters, pika.connection.Parameters) else list(parameters)
+    if queues is None:
+        queues = list(dict.fromkeys(queue for queue, _ in messages))
     done = 0
     errors: list[str] = []
     for round_no in range(_ROUNDS):
         if round_no:
             time.sleep(_ROUND_PAUSE_S)
         for node in nodes:
-            run = _Run(node, messages[done:], window, queue_type)
+            run = _Run(node, messages[done:], queues, window, queue_type)
             try:
                 run.connection.ioloop.start()
             finally:
@@ -98,13 +102,14 @@ class _Run:
         self,
         parameters: pika.connection.Parameters,
         messages: Sequence[tuple[str, bytes]],
+        queues: Sequence[str],
         window: int,
         queue_type: QueueType,
     ) -> None:
         self.messages = messages
         self.window = window
         self.queue_type = queue_type
-        self.unchecked = list(dict.fromkeys(queue for queue, _ in messages))
+        self.unchecked = list(queues)
         self.declaring: Channel | None = None
         self.properties = _properties(parameters)
         self.sent = 0

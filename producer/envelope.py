@@ -13,32 +13,26 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, overload
 
 from schemas.constants import actor_of, lane_of, queue_name
 from schemas.job import Job
 
+_JOB = "\0job\0"
+_JOB_ENCODED = b'"\\u0000job\\u0000"'
+
 
 def envelope(job: Job, prefix: str, *, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The dramatiq message for ``job`` on its lane."""
-    lane = lane_of(job.document.type.value)
-    return {
-        "queue_name": queue_name(prefix, lane),
-        "actor_name": actor_of(lane),
-        "args": [job.dump()],
-        "kwargs": {},
-        "options": options or {},
-        "message_id": str(job.job_id),
-        "message_timestamp": int(time.time() * 1000),
-    }
+    return _message(job, prefix, job.dump(), options)
 
 
 def encode_job(job: Job, prefix: str) -> tuple[str, bytes]:
     """``(queue, body)`` of the job's message: the same bytes as ``encode(envelope(job, prefix))``
     up to key order, with the job serialized by pydantic's own encoder (the bulk of the work)."""
-    shell = envelope(job.model_copy(update={"attachments": []}), prefix)
-    shell["args"] = ["\0job\0"]
-    head, _, tail = encode(shell).partition(b'"\\u0000job\\u0000"')
+    shell = _message(job, prefix, _JOB, None)
+    head, _, tail = encode(shell).partition(_JOB_ENCODED)
     return str(shell["queue_name"]), b"".join((head, job.dump_json(), tail))
 
 
@@ -47,4 +41,45 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode("utf-8")
 
 
-__all__ = ["encode", "encode_job", "envelope"]
+def _message(job: Job, prefix: str, data: Any, options: dict[str, Any] | None) -> dict[str, Any]:
+    lane = lane_of(job.document.type.value)
+    return {
+        "queue_name": queue_name(prefix, lane),
+        "actor_name": actor_of(lane),
+        "args": [data],
+        "kwargs": {},
+        "options": options or {},
+        "message_id": str(job.job_id),
+        "message_timestamp": int(time.time() * 1000),
+    }
+
+
+class JobMessages(Sequence[tuple[str, bytes]]):
+    """``encode_job`` of each job, done when a message is taken: publishing goes through the
+    jobs without holding every body in memory at once."""
+
+    def __init__(self, jobs: Sequence[Job], prefix: str) -> None:
+        self.jobs = jobs
+        self.prefix = prefix
+
+    def queues(self) -> list[str]:
+        """The queues the messages go to, each once."""
+        lanes = dict.fromkeys(lane_of(job.document.type.value) for job in self.jobs)
+        return [queue_name(self.prefix, lane) for lane in lanes]
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, bytes]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> JobMessages: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[str, bytes] | JobMessages:
+        if isinstance(index, slice):
+            return JobMessages(self.jobs[index], self.prefix)
+        return encode_job(self.jobs[index], self.prefix)
+
+
+__all__ = ["JobMessages", "encode", "encode_job", "envelope"]

@@ -7,7 +7,7 @@ from typing import Any
 from uuid import UUID
 
 from producer.confirms import ConfirmError, publish_confirmed
-from producer.envelope import encode, encode_job
+from producer.envelope import JobMessages, encode
 from producer.queues import QueueType, broker_parameters
 from schemas.job import Job
 
@@ -37,7 +37,8 @@ def publish(
         lists the jobs confirmed before that (their ids are safe to report).
     """
     try:
-        _publish_encoded([encode_job(job, queue_prefix) for job in jobs], broker_url, queue_type)
+        messages = JobMessages(jobs, queue_prefix)
+        _publish_encoded(messages, broker_url, queue_type, messages.queues())
     except PublishError as e:
         confirmed = [job.job_id for job in jobs[: e.confirmed_count]]
         raise PublishError(str(e), confirmed_count=e.confirmed_count, confirmed=confirmed) from e
@@ -58,7 +59,12 @@ def publish_messages(
     return len(messages)
 
 
-def _publish_encoded(messages: list[tuple[str, bytes]], broker_url: str, queue_type: QueueType) -> None:
+def _publish_encoded(
+    messages: Sequence[tuple[str, bytes]],
+    broker_url: str,
+    queue_type: QueueType,
+    queues: Sequence[str] | None = None,
+) -> None:
     nodes = broker_parameters(broker_url)
     for params in nodes:
         params.connection_attempts = 1
@@ -66,7 +72,7 @@ def _publish_encoded(messages: list[tuple[str, bytes]], broker_url: str, queue_t
         # A broker under a memory or disk alarm blocks publishers; fail instead of waiting forever.
         params.blocked_connection_timeout = 30
     try:
-        publish_confirmed(nodes, messages, queue_type=queue_type)
+        publish_confirmed(nodes, messages, queue_type=queue_type, queues=queues)
     except ConfirmError as e:
         raise PublishError(str(e), confirmed_count=e.confirmed) from e
 
