@@ -16,11 +16,10 @@ import time
 from collections.abc import Sequence
 from typing import Any, overload
 
+from pydantic_core import to_json
+
 from schemas.constants import actor_of, lane_of, queue_name
 from schemas.job import Job
-
-_JOB = "\0job\0"
-_JOB_ENCODED = b'"\\u0000job\\u0000"'
 
 
 def envelope(job: Job, prefix: str, *, options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -29,11 +28,10 @@ def envelope(job: Job, prefix: str, *, options: dict[str, Any] | None = None) ->
 
 
 def encode_job(job: Job, prefix: str) -> tuple[str, bytes]:
-    """``(queue, body)`` of the job's message: the same bytes as ``encode(envelope(job, prefix))``
-    up to key order, with the job serialized by pydantic's own encoder (the bulk of the work)."""
-    shell = _message(job, prefix, _JOB, None)
-    head, _, tail = encode(shell).partition(_JOB_ENCODED)
-    return str(shell["queue_name"]), b"".join((head, job.dump_json(), tail))
+    """``(queue, body)`` of the job's message: the JSON document of ``encode(envelope(job, prefix))``,
+    written in one pass by pydantic's encoder (non-ASCII text as UTF-8 rather than escaped)."""
+    message = _message(job, prefix, job, None)
+    return str(message["queue_name"]), to_json(message, by_alias=True, exclude_none=True)
 
 
 def encode(message: dict[str, Any]) -> bytes:
