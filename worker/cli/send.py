@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from typing import Any
 
-from producer import PublishError, publish, read_jobs
+from producer import InvalidLine, PublishError, publish, read_jobs
+from schemas.job import Job
 from worker.cli.output import fail
 from worker.settings import Settings
 
@@ -23,16 +25,17 @@ def register(subparsers: Any) -> None:
 
 
 def run_send(args: argparse.Namespace, settings: Settings) -> int:
+    # The jobs read are many objects, kept until published, that form no reference cycles:
+    # the collector would only walk them again and again (a tenth of the reading time).
+    gc.disable()
     try:
-        if args.file == "-":
-            jobs, errors = read_jobs(sys.stdin, max_job_bytes=settings.max_job_bytes)
-        else:
-            with open(args.file, encoding="utf-8") as f:
-                jobs, errors = read_jobs(f, max_job_bytes=settings.max_job_bytes)
+        jobs, errors = _read(args.file, settings.max_job_bytes)
     except OSError as e:
         return fail(f"cannot read {args.file}: {e.strerror}", code=2)
     except UnicodeDecodeError:
         return fail(f"{args.file} is not UTF-8 text", code=2)
+    finally:
+        gc.enable()
     if errors:
         for error in errors[:20]:
             print(f"postbote: invalid job: {error}", file=sys.stderr)
@@ -53,3 +56,10 @@ def run_send(args: argparse.Namespace, settings: Settings) -> int:
     for job_id in ids:
         print(job_id)
     return 0
+
+
+def _read(file: str, max_job_bytes: int) -> tuple[list[Job], list[InvalidLine]]:
+    if file == "-":
+        return read_jobs(sys.stdin, max_job_bytes=max_job_bytes)
+    with open(file, encoding="utf-8") as f:
+        return read_jobs(f, max_job_bytes=max_job_bytes)
