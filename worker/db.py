@@ -54,6 +54,9 @@ ANSWER_GRACE_MS = 5000
 """How much longer than ``statement_timeout`` the client waits for the server's answer before
 it closes the connection itself (the server cancels a statement at ``statement_timeout``)."""
 
+CONNECT_TIMEOUT_S = 5
+"""How long opening a connection may take."""
+
 Row = TypeVar("Row")
 
 
@@ -123,7 +126,7 @@ def connection_kwargs(database_url: str, *, statement_timeout_ms: int) -> dict[s
     ``options`` startup parameter; set the timeout on the server's role instead).
     """
     given = psycopg.conninfo.conninfo_to_dict(database_url)
-    kwargs: dict[str, Any] = {"connect_timeout": 5, "prepare_threshold": None}
+    kwargs: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, "prepare_threshold": None}
     kwargs.update({k: v for k, v in KEEPALIVES.items() if k not in given})
     options = str(given.get("options") or "")
     if statement_timeout_ms > 0 and "statement_timeout" not in options:
@@ -185,12 +188,13 @@ class WorkerPool(ConnectionPool[Connection]):
     server on the way; a ``reset`` callback would hand every return to the pool's own threads."""
 
     def putconn(self, conn: Connection) -> None:
-        if not conn.closed and _read_only(conn):
+        if not conn.closed and read_only(conn):
             conn.close()
         super().putconn(conn)
 
 
-def _read_only(conn: Connection) -> bool:
+def read_only(conn: Connection) -> bool:
+    """Whether ``conn`` reached a read-only server (a standby, ``default_transaction_read_only``)."""
     # The server reports both (PostgreSQL 14 and later), so this costs no round trip.
     info = conn.info
     return info.parameter_status("in_hot_standby") == "on" or (
@@ -327,6 +331,7 @@ def _first_line(error: BaseException) -> str:
 
 __all__ = [
     "ANSWER_GRACE_MS",
+    "CONNECT_TIMEOUT_S",
     "KEEPALIVES",
     "AnswerLimited",
     "Connection",
@@ -338,6 +343,7 @@ __all__ = [
     "is_outage",
     "make_pool",
     "migrations",
+    "read_only",
     "storable",
     "translated_errors",
     "upgrade",

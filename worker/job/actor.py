@@ -30,7 +30,7 @@ from psycopg_pool import PoolTimeout
 
 from schemas.constants import RECEIPTS_QUEUE, actor_of, queue_name
 from schemas.job import DocumentType, Job
-from worker.db import make_pool
+from worker.db import CONNECT_TIMEOUT_S, answer_limit_s, connect, make_pool
 from worker.errors import (
     BrokerUnavailable,
     ClaimedElsewhere,
@@ -67,6 +67,7 @@ from worker.job.ledger import (
     record_given_up,
     renew_claim,
 )
+from worker.job.ledger_batch import LedgerBatcher
 from worker.job.outcome import AttemptRecord, Fate, settle
 from worker.job.parking import Check, before_data, park
 from worker.job.ratelimit import PostgresBackend, SeriesLimiter
@@ -116,6 +117,14 @@ class Pipeline:
         self.db = make_pool(
             settings.database_url, max_size=16, statement_timeout_ms=settings.statement_timeout_ms
         )
+        limit_s = answer_limit_s(settings.statement_timeout_ms)
+        self.ledger = LedgerBatcher(
+            lambda: connect(
+                settings.database_url, autocommit=True, statement_timeout_ms=settings.statement_timeout_ms
+            ),
+            # One batch ahead of its own, and a connection opened anew.
+            wait_s=2 * limit_s + CONNECT_TIMEOUT_S if limit_s is not None else None,
+        )
         self.accounts = AccountCache(
             self.db.connection, ttl_ms=settings.settings_cache_ms, access=SecretAccess.from_settings(settings)
         )
@@ -139,6 +148,7 @@ class Pipeline:
         self._signers_lock = threading.Lock()
 
     def close(self) -> None:
+        self.ledger.close()
         self.limiter.close()
         self.limiter.backend.close()
         self.smtp.close()
@@ -240,19 +250,18 @@ class Pipeline:
         published = message.message_timestamp if message else None
         schedule = job.not_before is not None and job.not_before.timestamp() > time.time()
         parking = self._parked_message() if message and (series_wait_ms is not None or schedule) else None
-        with self.db.connection() as conn:
-            claim = claim_job(
-                conn,
-                job,
-                payload_digest(data),
-                holder=self.holder,
-                claim_ms=claim_ms,
-                crash_loop_after=self.settings.crash_loop_after,
-                published_ms=published if isinstance(published, int) else None,
-                parking=parking,
-                series_wait_ms=series_wait_ms,
-                customers=[r.address for r in customer_recipients(job).envelope],
-            )
+        claim = claim_job(
+            self.ledger,
+            job,
+            payload_digest(data),
+            holder=self.holder,
+            claim_ms=claim_ms,
+            crash_loop_after=self.settings.crash_loop_after,
+            published_ms=published if isinstance(published, int) else None,
+            parking=parking,
+            series_wait_ms=series_wait_ms,
+            customers=[r.address for r in customer_recipients(job).envelope],
+        )
         if claim.claim is Claim.PARKED:
             log_outcome(
                 LogOutcome.PARKED,
@@ -480,8 +489,7 @@ class Pipeline:
         delay = 0.2
         while True:
             try:
-                with self.db.connection() as conn:
-                    return record_attempt(conn, record)
+                return record_attempt(self.ledger, record)
             except DatabaseUnavailable as e:
                 if time.monotonic() > deadline:
                     raise OutcomeUnrecorded(

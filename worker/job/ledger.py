@@ -24,6 +24,7 @@ from uuid import UUID
 from schemas.job import Job
 from worker.db import Connection, storable, translated_errors
 from worker.errors import ClaimedElsewhere
+from worker.job.ledger_batch import LedgerBatcher
 from worker.job.outcome import AttemptRecord, Fate, Verdict, out_of_attempts
 from worker.job.recipients import Recipient
 from worker.job.smtp import SmtpReply
@@ -70,12 +71,21 @@ class ClaimResult:
     """For ``CLAIMED``/``TAKEN_OVER``: a customer-facing address is on the suppression list."""
 
 
-_CLAIM = "SELECT postbote_claim(%s::jsonb, %s) AS claim"
-"""Claim, directives, expiry and schedule in one statement (deploy/migrations/0013)."""
+def _call(
+    conn: Connection | LedgerBatcher, function: str, fields: dict[str, Any], message: bytes | None
+) -> Any:
+    """``function(fields, message)``'s answer, committed: on ``conn`` alone, or in a batch."""
+    encoded = json.dumps(fields)
+    if isinstance(conn, LedgerBatcher):
+        return conn.call(function, encoded, message)
+    with translated_errors():
+        row = conn.execute(f"SELECT {function}(%s::jsonb, %s) AS answer", (encoded, message)).fetchone()
+    assert row is not None
+    return row["answer"]
 
 
 def claim_job(
-    conn: Connection,
+    conn: Connection | LedgerBatcher,
     job: Job,
     payload_sha256: str,
     *,
@@ -114,10 +124,8 @@ def claim_job(
         "series_wait_ms": series_wait_ms if parking else None,
         "customers": [address.lower() for address in customers],
     }
-    with translated_errors():
-        row = conn.execute(_CLAIM, (json.dumps(fields), parking[1] if parking else None)).fetchone()
-    assert row is not None
-    answer: dict[str, Any] = row["claim"]
+    # Claim, directives, expiry and schedule in one statement (deploy/migrations/0013).
+    answer: dict[str, Any] = _call(conn, "postbote_claim", fields, parking[1] if parking else None)
     status = answer.get("status")
     reason = answer.get("reason")
     return ClaimResult(
@@ -162,14 +170,11 @@ def load_progress(conn: Connection, job_id: UUID) -> Progress:
     return Progress(fates, job["sender"], job["message_id"], bytes(message) if message is not None else None)
 
 
-_RECORD_ATTEMPT = "SELECT postbote_record_attempt(%s::jsonb, %s) AS recorded"
-"""One statement: the job's status, the recipients, the attempt, its event (deploy/migrations/0010)."""
-
 _EMIT = "SELECT postbote_emit_event(%s, %s)"
 """The event of the job's state as this transaction leaves it (deploy/migrations/0007_events.sql)."""
 
 
-def record_attempt(conn: Connection, record: AttemptRecord) -> Status:
+def record_attempt(conn: Connection | LedgerBatcher, record: AttemptRecord) -> Status:
     """Record one SMTP attempt in one statement: the job's status, each recipient's state and
     reply, and the attempt's row in the history. Returns the job's status.
 
@@ -208,9 +213,8 @@ def record_attempt(conn: Connection, record: AttemptRecord) -> Status:
         "reply": _storable(record.reply),
         "tried": tried,
     }
-    with translated_errors():
-        row = conn.execute(_RECORD_ATTEMPT, (json.dumps(fields), record.message)).fetchone()
-    if row is None or not row["recorded"]:
+    # The job's status, the recipients, the attempt and its event (deploy/migrations/0010).
+    if not _call(conn, "postbote_record_attempt", fields, record.message):
         raise _not_recorded(record)
     return verdict.status
 

@@ -1,0 +1,122 @@
+"""Claims and records of many threads written together (against the real PostgreSQL): each
+thread gets its own answer, a value the database refuses fails only its own job, and an outage
+reaches every waiting thread as one, after which the writer connects again."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+import pytest
+
+from schemas.job import Job
+from tests.test_ledger_records import attempt_of
+from worker.db import Connection, connect
+from worker.errors import DatabaseUnavailable
+from worker.job.intake import payload_digest
+from worker.job.ledger import Claim, ClaimResult, claim_job, record_attempt
+from worker.job.ledger_batch import LedgerBatcher
+from worker.settings import Settings
+from worker.testbed.documents import make_job
+from worker.vocabulary import Status
+
+THREADS = 12
+
+
+@pytest.fixture
+def batcher(settings: Settings) -> Iterator[LedgerBatcher]:
+    writer = LedgerBatcher(lambda: connect(settings.database_url, autocommit=True), wait_s=30)
+    yield writer
+    writer.close()
+
+
+def a_job() -> tuple[Job, dict[str, Any]]:
+    data = make_job(f"t{uuid.uuid4().hex[:8]}", "invoice", 1, user_id="u1", to="kunde@example.com")
+    return Job.model_validate(data), data
+
+
+def together(calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``calls`` in threads released at the same moment; their results or exceptions."""
+    start = threading.Barrier(len(calls))
+
+    def run(call: Callable[[], Any]) -> Any:
+        start.wait()
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - compared by the test
+            return e
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(run, calls))
+
+
+def claim(writer: LedgerBatcher, job: Job, data: dict[str, Any], claim_ms: int = 60_000) -> ClaimResult:
+    return claim_job(writer, job, payload_digest(data), holder="host-a:1", claim_ms=claim_ms)
+
+
+def test_each_thread_gets_its_own_claim_and_record(batcher: LedgerBatcher, db: Connection) -> None:
+    jobs = [a_job() for _ in range(THREADS * 4)]
+    claims = together([lambda j=j: claim(batcher, *j) for j in jobs])
+    assert [c.claim for c in claims] == [Claim.CLAIMED] * len(jobs)
+    assert all(c.attempts == 1 for c in claims)
+
+    again = together([lambda j=j: claim(batcher, *j) for j in jobs[:THREADS]])
+    assert [c.claim for c in again] == [Claim.BUSY] * THREADS
+
+    statuses = together([lambda j=j: record_attempt(batcher, attempt_of(j[0], "host-a:1")) for j in jobs])
+    assert statuses == [Status.SENT] * len(jobs)
+    rows = db.execute(
+        "SELECT count(*) FILTER (WHERE status = 'sent') AS sent,"
+        " (SELECT count(*) FROM delivery_attempts WHERE job_id = ANY(%(j)s)) AS attempts,"
+        " (SELECT count(*) FROM events WHERE job_id = ANY(%(j)s)) AS events"
+        " FROM deliveries WHERE job_id = ANY(%(j)s)",
+        {"j": [j.job_id for j, _ in jobs]},
+    ).fetchone()
+    assert rows == {"sent": len(jobs), "attempts": len(jobs), "events": len(jobs)}
+
+
+def test_a_value_the_database_refuses_fails_only_its_own_job(batcher: LedgerBatcher) -> None:
+    jobs = [a_job() for _ in range(THREADS)]
+    refused = jobs[3]
+    results = together(
+        [
+            lambda j=j: claim(batcher, *j, claim_ms=2**70 if j is refused else 60_000)  # beyond bigint
+            for j in jobs
+        ]
+    )
+    assert isinstance(results[3], psycopg.DataError)
+    assert [r.claim for n, r in enumerate(results) if n != 3] == [Claim.CLAIMED] * (THREADS - 1)
+
+
+def test_an_outage_reaches_every_waiting_thread_and_the_writer_connects_again(
+    batcher: LedgerBatcher, db: Connection
+) -> None:
+    claim(batcher, *a_job())
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    jobs = [a_job() for _ in range(THREADS)]
+    results = together([lambda j=j: claim(batcher, *j) for j in jobs])
+    failed = [r for r in results if isinstance(r, DatabaseUnavailable)]
+    assert failed, "the terminated connection was not noticed"
+    assert all(isinstance(r, DatabaseUnavailable | ClaimResult) for r in results)
+    assert claim(batcher, *a_job()).claim is Claim.CLAIMED
+
+
+def test_a_database_that_cannot_be_reached_fails_every_call_quickly() -> None:
+    writer = LedgerBatcher(
+        lambda: connect("postgresql://postgres@127.0.0.1:1/postbote", autocommit=True), wait_s=30
+    )
+    try:
+        started = time.monotonic()
+        results = together([lambda: claim(writer, *a_job()) for _ in range(THREADS)])
+        assert all(isinstance(r, DatabaseUnavailable) for r in results)
+        assert time.monotonic() - started < 20
+    finally:
+        writer.close()

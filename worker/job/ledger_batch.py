@@ -1,0 +1,208 @@
+"""The ledger's claims and attempt records of all threads of a worker process, written together.
+
+Each claim and each record is one call of a PostgreSQL function (``postbote_claim``,
+``postbote_record_attempt``) that must be committed before its thread goes on: a claim before
+SMTP, a record before the message is acknowledged. Written one by one, every call is a round
+trip and a commit of its own, and each commit waits for a flush of the write-ahead log. Here
+one thread of the process takes whatever the other threads asked for while the previous batch
+ran, calls each function once per request in one statement, commits once, and hands every
+thread its own answer. No thread goes on before the commit that holds its write: the
+guarantees are those of one call per transaction, for less work in both processes.
+
+A batch that fails is rolled back and its calls are made again one by one, each in its own
+transaction, so a value the database refuses fails only its own job, and an outage reaches
+every thread that waited, as the error each would have got alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from worker.db import Connection, read_only, translated_errors
+from worker.errors import DatabaseUnavailable
+
+logger = logging.getLogger(__name__)
+
+FUNCTIONS = {
+    "postbote_claim": "postbote_claim({p}::jsonb, {m})",
+    "postbote_record_attempt": "to_jsonb(postbote_record_attempt({p}::jsonb, {m}))",
+}
+"""The functions a batch may call, each taking ``(p jsonb, p_message bytea)``, and their call
+answering jsonb."""
+
+_BATCH = (
+    "SELECT t.n, CASE t.f "
+    + " ".join(f"WHEN '{name}' THEN {call.format(p='t.p', m='t.m')}" for name, call in FUNCTIONS.items())
+    + " END AS answer FROM unnest(%s::text[], %s::text[], %s::bytea[]) WITH ORDINALITY AS t(f, p, m, n)"
+)
+"""Every call of a batch in one statement, so in one transaction without a round trip more."""
+
+_ALONE = {name: f"SELECT {call.format(p='%s', m='%s')} AS answer" for name, call in FUNCTIONS.items()}
+"""One call in a statement of its own (simpler to plan than the batch's)."""
+
+MAX_BATCH = 64
+
+
+@dataclass
+class _Call:
+    function: str
+    fields: str
+    message: bytes | None
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: Any = None
+    error: BaseException | None = None
+
+
+class LedgerBatcher:
+    """The process's writer of claims and records (a daemon thread, started on first use).
+
+    ``connect`` opens the writer's connection (autocommit); it is opened again after a failure. ``wait_s`` bounds how long a thread waits for its answer (``None``: no bound).
+    """
+
+    def __init__(self, connect: Callable[[], Connection], *, wait_s: float | None) -> None:
+        self._connect = connect
+        self._wait_s = wait_s
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._conn: Connection | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def call(self, function: str, fields: str, message: bytes | None) -> Any:
+        """``function(fields::jsonb, message)``'s answer, once it is committed.
+
+        Raises what the call alone would raise (through ``translated_errors``).
+        """
+        assert function in FUNCTIONS
+        pending = _Call(function, fields, message)
+        self._start()
+        self._calls.put(pending)
+        if not pending.done.wait(self._wait_s):
+            raise DatabaseUnavailable("database unavailable: no answer from the ledger writer in time")
+        if pending.error is not None:
+            raise pending.error
+        return pending.answer
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            self._calls.put(None)
+            thread.join(timeout=10)
+        self._disconnect()
+
+    def _start(self) -> None:
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._closed:
+                raise DatabaseUnavailable("database unavailable: the ledger writer is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            first = self._calls.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._calls.put(None)
+                    break
+                batch.append(more)
+            try:
+                self._write(batch)
+            except BaseException as e:  # noqa: BLE001 - a waiting thread must always get an answer
+                logger.exception("ledger writer failed")
+                for pending in batch:
+                    if not pending.done.is_set():
+                        pending.error = DatabaseUnavailable(f"database unavailable: {type(e).__name__}: {e}")
+                        pending.done.set()
+
+    def _write(self, batch: list[_Call]) -> None:
+        if len(batch) > 1:
+            try:
+                with translated_errors():
+                    answers = self._batched(batch)
+            except (psycopg.Error, DatabaseUnavailable) as e:
+                self._drop_if_broken()
+                if self._conn is None and isinstance(e, DatabaseUnavailable):
+                    # The server is gone: each call alone would only wait for it again.
+                    for pending in batch:
+                        pending.error = DatabaseUnavailable(str(e))
+                        pending.done.set()
+                    return
+            else:
+                for pending, answer in zip(batch, answers, strict=True):
+                    pending.answer = answer
+                    pending.done.set()
+                return
+        for pending in batch:
+            try:
+                with translated_errors():
+                    pending.answer = self._alone(pending)
+            except Exception as e:  # noqa: BLE001 - handed to the thread that asked
+                self._drop_if_broken()
+                pending.error = e
+            pending.done.set()
+
+    def _batched(self, batch: list[_Call]) -> list[Any]:
+        rows = (
+            self._connection()
+            .execute(
+                _BATCH,
+                (
+                    [pending.function for pending in batch],
+                    [pending.fields for pending in batch],
+                    [pending.message for pending in batch],
+                ),
+            )
+            .fetchall()
+        )
+        answers = {row["n"]: row["answer"] for row in rows}
+        return [answers[n] for n in range(1, len(batch) + 1)]
+
+    def _alone(self, pending: _Call) -> Any:
+        row = (
+            self._connection().execute(_ALONE[pending.function], (pending.fields, pending.message)).fetchone()
+        )
+        assert row is not None
+        return row["answer"]
+
+    def _connection(self) -> Connection:
+        conn = self._conn
+        if conn is not None and (conn.closed or read_only(conn)):
+            self._disconnect()
+            conn = None
+        if conn is None:
+            conn = self._conn = self._connect()
+        return conn
+
+    def _drop_if_broken(self) -> None:
+        conn = self._conn
+        if conn is not None and (conn.closed or conn.broken):
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with suppress(psycopg.Error):
+                conn.close()
+
+
+__all__ = ["FUNCTIONS", "LedgerBatcher"]
