@@ -1,6 +1,6 @@
 """Throughput of the real pipeline against the naive worker, side by side, on one workload.
 
-    python bench/throughput.py [--mails 3000] [--send-jobs 5000] [--backlog 100000] [--parked 10000]
+    python bench/throughput.py [--mails 3000] [--send-jobs 10000] [--backlog 100000] [--parked 10000]
 
 All run RabbitMQ → worker processes → PostgreSQL → DKIM rsa-sha256 (2048) → SMTP to
 Postfix's ``smtp-sink`` on this machine, on invoices of ~30 KB with a distinct ~25 KB PDF
@@ -439,7 +439,7 @@ def main() -> int:
     )
     parser.add_argument("--mails", type=int, default=3000)
     parser.add_argument("--publish-jobs", type=int, default=10_000, help="jobs for the publish() rate")
-    parser.add_argument("--send-jobs", type=int, default=5_000, help="jobs in the file for postbote send")
+    parser.add_argument("--send-jobs", type=int, default=10_000, help="jobs in the file for postbote send")
     parser.add_argument(
         "--backlog", type=int, default=100_000, help="queued jobs for the memory check (0: skip)"
     )
