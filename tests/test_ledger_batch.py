@@ -80,6 +80,35 @@ def test_each_thread_gets_its_own_claim_and_record(batcher: LedgerBatcher, db: C
     assert rows == {"sent": len(jobs), "attempts": len(jobs), "events": len(jobs)}
 
 
+def test_messages_to_park_reach_their_own_jobs(batcher: LedgerBatcher, db: Connection) -> None:
+    jobs = [a_job() for _ in range(THREADS)]
+    parked = {n: f"message {n}".encode() for n in range(0, THREADS, 3)}
+
+    def claim_or_park(n: int) -> ClaimResult:
+        job, data = jobs[n]
+        parking = ("pbtest.documents", parked[n]) if n in parked else None
+        return claim_job(
+            batcher,
+            job,
+            payload_digest(data),
+            holder="host-a:1",
+            claim_ms=60_000,
+            parking=parking,
+            series_wait_ms=5_000 if parking else None,
+        )
+
+    results = together([lambda n=n: claim_or_park(n) for n in range(THREADS)])
+    assert [r.claim for r in results] == [
+        Claim.PARKED if n in parked else Claim.CLAIMED for n in range(THREADS)
+    ]
+    rows = db.execute(
+        "SELECT job_id, message FROM parked_jobs WHERE job_id = ANY(%s)", ([j.job_id for j, _ in jobs],)
+    ).fetchall()
+    assert {row["job_id"]: bytes(row["message"]) for row in rows} == {
+        jobs[n][0].job_id: message for n, message in parked.items()
+    }
+
+
 def test_a_value_the_database_refuses_fails_only_its_own_job(batcher: LedgerBatcher) -> None:
     jobs = [a_job() for _ in range(THREADS)]
     refused = jobs[3]

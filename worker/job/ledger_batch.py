@@ -21,7 +21,6 @@ import queue
 import threading
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -32,33 +31,47 @@ from worker.errors import DatabaseUnavailable
 logger = logging.getLogger(__name__)
 
 FUNCTIONS = {
-    "postbote_claim": "postbote_claim({p}::jsonb, {m})",
-    "postbote_record_attempt": "to_jsonb(postbote_record_attempt({p}::jsonb, {m}))",
+    "postbote_claim": "postbote_claim({p}, {m})",
+    "postbote_record_attempt": "to_jsonb(postbote_record_attempt({p}, {m}))",
 }
 """The functions a batch may call, each taking ``(p jsonb, p_message bytea)``, and their call
 answering jsonb."""
 
-_BATCH = (
-    "SELECT t.n, CASE t.f "
-    + " ".join(f"WHEN '{name}' THEN {call.format(p='t.p', m='t.m')}" for name, call in FUNCTIONS.items())
-    + " END AS answer FROM unnest(%s::text[], %s::text[], %s::bytea[]) WITH ORDINALITY AS t(f, p, m, n)"
-)
-"""Every call of a batch in one statement, so in one transaction without a round trip more."""
+_IN_BATCH = {"p": "t.e->'p'", "m": "(%(messages)s::bytea[])[t.n]"}
 
-_ALONE = {name: f"SELECT {call.format(p='%s', m='%s')} AS answer" for name, call in FUNCTIONS.items()}
+_BATCH = (
+    "SELECT t.n, CASE t.e->>'f' "
+    + " ".join(f"WHEN '{name}' THEN {call.format(**_IN_BATCH)}" for name, call in FUNCTIONS.items())
+    + " END AS answer FROM jsonb_array_elements(%(calls)s::jsonb) WITH ORDINALITY AS t(e, n)"
+)
+"""Every call of a batch in one statement, so in one transaction without a round trip more. The
+calls go as one JSON array (``{"f": function, "p": fields}``), the messages as an array, or
+NULL when there is none (most batches)."""
+
+_ALONE = {name: f"SELECT {call.format(p='%s::jsonb', m='%s')} AS answer" for name, call in FUNCTIONS.items()}
 """One call in a statement of its own (simpler to plan than the batch's)."""
 
 MAX_BATCH = 64
 
 
-@dataclass
 class _Call:
-    function: str
-    fields: str
-    message: bytes | None
-    done: threading.Event = field(default_factory=threading.Event)
-    answer: Any = None
-    error: BaseException | None = None
+    """One thread's call, and its answer or error once ``done`` is released (a bare lock hands
+    the answer over with less work than an event)."""
+
+    __slots__ = ("answer", "done", "error", "fields", "function", "message")
+
+    def __init__(self, function: str, fields: str, message: bytes | None) -> None:
+        self.function = function
+        self.fields = fields
+        self.message = message
+        self.answer: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Lock()
+        self.done.acquire()
+
+    def finish(self, answer: Any = None, error: BaseException | None = None) -> None:
+        self.answer, self.error = answer, error
+        self.done.release()
 
 
 class LedgerBatcher:
@@ -85,7 +98,7 @@ class LedgerBatcher:
         pending = _Call(function, fields, message)
         self._start()
         self._calls.put(pending)
-        if not pending.done.wait(self._wait_s):
+        if not pending.done.acquire(timeout=-1 if self._wait_s is None else self._wait_s):
             raise DatabaseUnavailable("database unavailable: no answer from the ledger writer in time")
         if pending.error is not None:
             raise pending.error
@@ -130,9 +143,10 @@ class LedgerBatcher:
             except BaseException as e:  # noqa: BLE001 - a waiting thread must always get an answer
                 logger.exception("ledger writer failed")
                 for pending in batch:
-                    if not pending.done.is_set():
-                        pending.error = DatabaseUnavailable(f"database unavailable: {type(e).__name__}: {e}")
-                        pending.done.set()
+                    if pending.done.locked():
+                        pending.finish(
+                            error=DatabaseUnavailable(f"database unavailable: {type(e).__name__}: {e}")
+                        )
 
     def _write(self, batch: list[_Call]) -> None:
         if len(batch) > 1:
@@ -144,33 +158,33 @@ class LedgerBatcher:
                 if self._conn is None and isinstance(e, DatabaseUnavailable):
                     # The server is gone: each call alone would only wait for it again.
                     for pending in batch:
-                        pending.error = DatabaseUnavailable(str(e))
-                        pending.done.set()
+                        pending.finish(error=DatabaseUnavailable(str(e)))
                     return
             else:
                 for pending, answer in zip(batch, answers, strict=True):
-                    pending.answer = answer
-                    pending.done.set()
+                    pending.finish(answer)
                 return
         for pending in batch:
             try:
                 with translated_errors():
-                    pending.answer = self._alone(pending)
+                    answer = self._alone(pending)
             except Exception as e:  # noqa: BLE001 - handed to the thread that asked
                 self._drop_if_broken()
-                pending.error = e
-            pending.done.set()
+                pending.finish(error=e)
+            else:
+                pending.finish(answer)
 
     def _batched(self, batch: list[_Call]) -> list[Any]:
+        calls = ",".join(f'{{"f":"{pending.function}","p":{pending.fields}}}' for pending in batch)
+        messages = [pending.message for pending in batch]
         rows = (
             self._connection()
             .execute(
                 _BATCH,
-                (
-                    [pending.function for pending in batch],
-                    [pending.fields for pending in batch],
-                    [pending.message for pending in batch],
-                ),
+                {
+                    "calls": f"[{calls}]",
+                    "messages": messages if any(m is not None for m in messages) else None,
+                },
             )
             .fetchall()
         )
