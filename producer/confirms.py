@@ -211,17 +211,11 @@ class _Run:
 
     def _on_confirm(self, frame: Method[Any]) -> None:
         method = frame.method
-        tag = int(method.delivery_tag)
         if isinstance(method, Basic.Nack):
+            tag = int(method.delivery_tag)
             self._fail(f"RabbitMQ refused message {tag}", tag - 1)
             return
-        if method.multiple:
-            self.acked_upto = max(self.acked_upto, tag)
-        else:
-            self.acked_beyond.add(tag)
-        while self.acked_upto + 1 in self.acked_beyond:
-            self.acked_upto += 1
-            self.acked_beyond.discard(self.acked_upto)
+        self.acked_upto = confirmed_upto(self.acked_upto, self.acked_beyond, method)
         if self.error is not None:
             return
         if self.acked_upto >= len(self.messages):
@@ -238,6 +232,20 @@ class _Run:
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
         if self.confirmed_prefix() < len(self.messages):
             self._fail(f"RabbitMQ closed the channel: {reason}", self.acked_upto)
+
+
+def confirmed_upto(acked_upto: int, acked_beyond: set[int], ack: Basic.Ack) -> int:
+    """How many leading delivery tags are confirmed after ``ack``, given ``acked_upto`` before it
+    and the tags confirmed beyond those (``acked_beyond``, updated in place)."""
+    tag = int(ack.delivery_tag)
+    if ack.multiple:
+        acked_upto = max(acked_upto, tag)
+    else:
+        acked_beyond.add(tag)
+    while acked_upto + 1 in acked_beyond:
+        acked_upto += 1
+        acked_beyond.discard(acked_upto)
+    return acked_upto
 
 
 _Step = Callable[[Callable[[], None]], None]
@@ -257,4 +265,4 @@ def _chain(steps: list[_Step], done: Callable[[], None]) -> None:
     steps[0](lambda: _chain(steps[1:], done))
 
 
-__all__ = ["ConfirmError", "publish_confirmed"]
+__all__ = ["ConfirmError", "confirmed_upto", "publish_confirmed"]

@@ -18,7 +18,8 @@ from worker.cli.output import fail
 from worker.db import Connection, connect, translated_errors
 from worker.errors import BrokerUnavailable, DatabaseUnavailable
 from worker.logs import printable
-from worker.runtime.relay import EVENT_COLUMNS, EventPublisher, OutboxEvent
+from worker.runtime.event_publisher import EventPublisher
+from worker.runtime.relay import EVENT_COLUMNS, OutboxEvent
 from worker.settings import Settings
 from worker.tools.dlq import parse_duration
 
@@ -274,7 +275,8 @@ def run_replay(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"would replay {count} event(s) to {publisher.exchange}")
                 return 0
             for event in query.all(conn, after=after):
-                publisher.publish(event)
+                if publisher.publish([(event.routing_key, event.encode(), event.properties())]) != 1:
+                    raise BrokerUnavailable(f"RabbitMQ did not confirm event {event.event_id} in time")
                 published += 1
     except (DatabaseUnavailable, BrokerUnavailable) as e:
         if published:

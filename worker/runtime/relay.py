@@ -20,7 +20,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,15 +27,14 @@ from uuid import UUID
 
 import pika
 import pika.exceptions
-from pika.adapters.blocking_connection import BlockingChannel
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from schemas import constants as names
-from schemas.constants import event_routing_key, events_exchange
+from schemas.constants import event_routing_key
 from schemas.event import Event, EventRecipient, EventType
 from worker.db import Connection, connect, translated_errors
 from worker.errors import BrokerUnavailable, DatabaseUnavailable
-from worker.runtime.probes import broker_parameters
+from worker.runtime.event_publisher import EventPublisher
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -141,69 +139,6 @@ class OutboxEvent:
         )
 
 
-class EventPublisher:
-    """A confirmed channel to the durable topic exchange ``<prefix>.events``, opened (and the
-    exchange declared) on first use and kept open.
-
-    Parameters:
-      broker_url: one or more AMQP URLs separated by ``;``.
-      queue_prefix: ``POSTBOTE_QUEUE_PREFIX``.
-    """
-
-    def __init__(self, broker_url: str, queue_prefix: str) -> None:
-        self.exchange = events_exchange(queue_prefix)
-        self._broker_url = broker_url
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
-
-    def publish(self, event: OutboxEvent) -> None:
-        """Publish ``event`` persistently; returns once RabbitMQ confirmed it.
-
-        Raises:
-          BrokerUnavailable: RabbitMQ cannot be reached, refused the message or closed the
-            channel; the connection is closed, the next call opens a new one.
-        """
-        with self._translated_errors():
-            channel = self._open()
-            channel.basic_publish(self.exchange, event.routing_key, event.encode(), event.properties())
-
-    def keep_alive(self) -> None:
-        """Answer RabbitMQ's heartbeats while idle (an open connection only)."""
-        if self._connection is not None:
-            with self._translated_errors():
-                self._connection.process_data_events(time_limit=0)
-
-    def close(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and connection.is_open:
-            with suppress(pika.exceptions.AMQPError, OSError):
-                connection.close()
-
-    def __enter__(self) -> EventPublisher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _open(self) -> BlockingChannel:
-        if self._channel is None or not self._channel.is_open:
-            self.close()
-            self._connection = pika.BlockingConnection(broker_parameters(self._broker_url, timeout_s=10))
-            channel = self._connection.channel()
-            channel.confirm_delivery()
-            channel.exchange_declare(self.exchange, exchange_type="topic", durable=True)
-            self._channel = channel
-        return self._channel
-
-    @contextmanager
-    def _translated_errors(self) -> Iterator[None]:
-        try:
-            yield
-        except (pika.exceptions.AMQPError, OSError) as e:
-            self.close()
-            raise BrokerUnavailable(f"cannot publish to {self.exchange}: {_describe(e)}") from e
-
-
 class RelayMetrics:
     """``postbote_events_published_total{type}`` and ``postbote_events_lag_seconds``, as a collector.
 
@@ -271,7 +206,9 @@ class EventRelay:
         self._settings = settings
         self._batch_size = batch_size
         self._idle_poll_s = idle_poll_s
-        self._publisher = EventPublisher(settings.broker_url, settings.queue_prefix)
+        self._publisher = EventPublisher(
+            settings.broker_url, settings.queue_prefix, timeout_s=BATCH_TIME_LIMIT_S
+        )
         self._conn: Connection | None = None
         self._problem: str | None = None
         self._backlog = False
@@ -284,7 +221,6 @@ class EventRelay:
             was published before it goes out again later.
         """
         conn = self._connection()
-        lags: list[tuple[str, float]] = []
         with translated_errors(), conn.transaction():
             conn.execute("SET LOCAL idle_in_transaction_session_timeout = 60000")
             rows = conn.execute(_CLAIM, (self._batch_size,)).fetchall()
@@ -293,15 +229,12 @@ class EventRelay:
                 return 0
             claimed_at, started = rows[0]["now"], time.monotonic()
             events = _in_job_order(conn, [OutboxEvent.from_row(r) for r in rows])
-            published: list[OutboxEvent] = []
-            for event in events:
-                # A slow broker must not keep the transaction open for long: mark what is out.
-                if time.monotonic() - started > BATCH_TIME_LIMIT_S:
-                    break
-                self._publisher.publish(event)
-                published.append(event)
-                confirmed = claimed_at + timedelta(seconds=time.monotonic() - started)
-                lags.append((event.type, max(0.0, (confirmed - event.occurred_at).total_seconds())))
+            # A slow broker must not keep the transaction open for long: what it confirmed in
+            # time is marked, the rest goes out with the next batch.
+            confirmed = self._publisher.publish([(e.routing_key, e.encode(), e.properties()) for e in events])
+            published = events[:confirmed]
+            at = claimed_at + timedelta(seconds=time.monotonic() - started)
+            lags = [(e.type, max(0.0, (at - e.occurred_at).total_seconds())) for e in published]
             if published:
                 conn.execute(_MARK, ([e.id for e in published],))
             self._backlog = len(rows) == self._batch_size and len(published) == len(rows)
@@ -399,18 +332,12 @@ def _ordered_recipients(value: Any) -> Any:
     return [{k: r[k] for k in (*_RECIPIENT_ORDER, *r) if k in r} if isinstance(r, dict) else r for r in value]
 
 
-def _describe(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 __all__ = [
     "BATCH_SIZE",
     "EVENT_COLUMNS",
     "IDLE_POLL_S",
     "LAG_BUCKETS",
     "RETENTION_BATCH",
-    "EventPublisher",
     "EventRelay",
     "OutboxEvent",
     "RelayMetrics",
