@@ -124,7 +124,10 @@ class Pipeline:
             ),
             # One batch ahead of its own, and a connection opened anew.
             wait_s=2 * limit_s + CONNECT_TIMEOUT_S if limit_s is not None else None,
+            writers=lambda: self._working,
         )
+        self._working = 0
+        self._working_lock = threading.Lock()
         self.accounts = AccountCache(
             self.db.connection, ttl_ms=settings.settings_cache_ms, access=SecretAccess.from_settings(settings)
         )
@@ -156,6 +159,15 @@ class Pipeline:
 
     def process(self, *args: Any, **kwargs: Any) -> None:
         """Handle one job message; permanent failures are recorded and dead-lettered, transient ones raised."""
+        with self._working_lock:
+            self._working += 1
+        try:
+            self._process(*args, **kwargs)
+        finally:
+            with self._working_lock:
+                self._working -= 1
+
+    def _process(self, *args: Any, **kwargs: Any) -> None:
         started = time.monotonic()
         message = CurrentMessage.get_current_message()
         message_id = message.message_id if message else str(uuid.uuid4())

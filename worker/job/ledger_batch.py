@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
@@ -53,6 +54,10 @@ _ALONE = {name: f"SELECT {call.format(p='%s::jsonb', m='%s')} AS answer" for nam
 
 MAX_BATCH = 64
 
+GATHER_S = 0.008
+"""How long the writer waits for more calls after the first of a batch: each write waits this
+much longer, and a commit serves more of them (PostgreSQL's ``commit_delay``, done here)."""
+
 
 class _Call:
     """One thread's call, and its answer or error once ``done`` is released (a bare lock hands
@@ -77,12 +82,24 @@ class _Call:
 class LedgerBatcher:
     """The process's writer of claims and records (a daemon thread, started on first use).
 
-    ``connect`` opens the writer's connection (autocommit); it is opened again after a failure. ``wait_s`` bounds how long a thread waits for its answer (``None``: no bound).
+    ``connect`` opens the writer's connection (autocommit); it is opened again after a failure.
+    ``wait_s`` bounds how long a thread waits for its answer (``None``: no bound). A batch waits
+    up to ``gather_s`` after its first call for more, while it holds fewer calls than
+    ``writers()``, the threads that may still write (those working on a job).
     """
 
-    def __init__(self, connect: Callable[[], Connection], *, wait_s: float | None) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Connection],
+        *,
+        wait_s: float | None,
+        gather_s: float = GATHER_S,
+        writers: Callable[[], int] = lambda: MAX_BATCH,
+    ) -> None:
         self._connect = connect
         self._wait_s = wait_s
+        self._gather_s = gather_s
+        self._writers = writers
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._conn: Connection | None = None
         self._thread: threading.Thread | None = None
@@ -129,9 +146,10 @@ class LedgerBatcher:
             if first is None:
                 return
             batch = [first]
-            while len(batch) < MAX_BATCH:
+            gather_until = time.monotonic() + self._gather_s
+            while len(batch) < min(MAX_BATCH, self._writers()):
                 try:
-                    more = self._calls.get_nowait()
+                    more = self._calls.get(timeout=max(0.0, gather_until - time.monotonic()))
                 except queue.Empty:
                     break
                 if more is None:
