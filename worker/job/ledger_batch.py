@@ -54,9 +54,10 @@ _ALONE = {name: f"SELECT {call.format(p='%s::jsonb', m='%s')} AS answer" for nam
 
 MAX_BATCH = 64
 
-GATHER_S = 0.008
-"""How long the writer waits for more calls after the first of a batch: each write waits this
-much longer, and a commit serves more of them (PostgreSQL's ``commit_delay``, done here)."""
+GATHER_S = 0.005
+"""How long the writer waits at most for more calls after the first of a batch, while other
+threads are working on jobs: a write waits up to this much longer, and a commit serves more
+of them (PostgreSQL's ``commit_delay``, done here and only when there is company)."""
 
 
 class _Call:
