@@ -407,7 +407,7 @@ def targets(
     return [
         Target(
             "defaults within 10 % of tuned (mails/s)",
-            f"{defaults.rate:.0f} vs {tuned.rate:.0f} ({gap:+.0%} below)",
+            f"{defaults.rate:.0f} vs {tuned.rate:.0f} ({abs(gap):.0%} {'below' if gap > 0 else 'above'})",
             gap <= 0.10,
         ),
         Target(

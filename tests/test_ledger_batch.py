@@ -149,3 +149,11 @@ def test_a_database_that_cannot_be_reached_fails_every_call_quickly() -> None:
         assert time.monotonic() - started < 20
     finally:
         writer.close()
+
+
+def test_a_closed_writer_answers_at_once(settings: Settings) -> None:
+    writer = LedgerBatcher(lambda: connect(settings.database_url, autocommit=True), wait_s=None)
+    claim(writer, *a_job())
+    writer.close()
+    with pytest.raises(DatabaseUnavailable):
+        claim(writer, *a_job())

@@ -132,6 +132,8 @@ class LedgerBatcher:
         self._disconnect()
 
     def _start(self) -> None:
+        if self._closed:
+            raise DatabaseUnavailable("database unavailable: the ledger writer is closed")
         if self._thread is not None:
             return
         with self._lock:
