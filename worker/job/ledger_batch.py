@@ -122,6 +122,11 @@ class LedgerBatcher:
             raise pending.error
         return pending.answer
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The writer's thread, once started."""
+        return self._thread
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
