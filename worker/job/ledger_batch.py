@@ -5,9 +5,10 @@ Each claim and each record is one call of a PostgreSQL function (``postbote_clai
 SMTP, a record before the message is acknowledged. Written one by one, every call is a round
 trip and a commit of its own, and each commit waits for a flush of the write-ahead log. Here
 one thread of the process takes whatever the other threads asked for while the previous batch
-ran, calls each function once per request in one statement, commits once, and hands every
-thread its own answer. No thread goes on before the commit that holds its write: the
-guarantees are those of one call per transaction, for less work in both processes.
+ran (waiting up to ``GATHER_S`` for more while other threads are working on jobs), calls each
+function once per request in one statement, commits once, and hands every thread its own
+answer. No thread goes on before the commit that holds its write: the guarantees are those of
+one call per transaction, for less work in both processes.
 
 A batch that fails is rolled back and its calls are made again one by one, each in its own
 transaction, so a value the database refuses fails only its own job, and an outage reaches
@@ -64,7 +65,7 @@ class _Call:
     """One thread's call, and its answer or error once ``done`` is released (a bare lock hands
     the answer over with less work than an event)."""
 
-    __slots__ = ("answer", "done", "error", "fields", "function", "message")
+    __slots__ = ("answer", "done", "error", "fields", "finished", "function", "message")
 
     def __init__(self, function: str, fields: str, message: bytes | None) -> None:
         self.function = function
@@ -72,11 +73,12 @@ class _Call:
         self.message = message
         self.answer: Any = None
         self.error: BaseException | None = None
+        self.finished = False
         self.done = threading.Lock()
         self.done.acquire()
 
     def finish(self, answer: Any = None, error: BaseException | None = None) -> None:
-        self.answer, self.error = answer, error
+        self.answer, self.error, self.finished = answer, error, True
         self.done.release()
 
 
@@ -169,7 +171,7 @@ class LedgerBatcher:
             except BaseException as e:  # noqa: BLE001 - a waiting thread must always get an answer
                 logger.exception("ledger writer failed")
                 for pending in batch:
-                    if pending.done.locked():
+                    if not pending.finished:
                         pending.finish(
                             error=DatabaseUnavailable(f"database unavailable: {type(e).__name__}: {e}")
                         )
