@@ -85,6 +85,20 @@ def test_processes_are_pinned_by_default_only_when_they_fill_every_cpu() -> None
     assert not fills_cpus(usable - 1) or usable == 1
 
 
+def test_processes_that_fill_every_cpu_are_pinned_without_being_asked(own_queues: Settings) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    running = RunningWorker(own_queues, processes=len(cpus), threads=2)
+    try:
+        pids = wait_for(
+            lambda: p if len(p := _ready_pids(running.output())) == len(cpus) else None, what="the processes"
+        )
+        assert all(len(_thread_cpus(pid)) == 1 for pid in pids)
+        placed = {next(iter(_thread_cpus(pid))) for pid in pids}
+        assert placed == {frozenset({cpu}) for cpu in cpus}
+    finally:
+        running.stop()
+
+
 def test_no_pin_cpus_leaves_the_processes_on_every_cpu(own_queues: Settings) -> None:
     cpus = frozenset(os.sched_getaffinity(0))
     running = RunningWorker(own_queues, processes=len(cpus), threads=2, options=("--no-pin-cpus",))
