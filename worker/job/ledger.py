@@ -24,7 +24,7 @@ from uuid import UUID
 from schemas.job import Job
 from worker.db import Connection, storable, translated_errors
 from worker.errors import ClaimedElsewhere
-from worker.job.ledger_batch import LedgerBatcher
+from worker.job.ledger_batch import LedgerBatcher, call_alone
 from worker.job.outcome import AttemptRecord, Fate, Verdict, out_of_attempts
 from worker.job.recipients import Recipient
 from worker.job.smtp import SmtpReply
@@ -79,9 +79,7 @@ def _call(
     if isinstance(conn, LedgerBatcher):
         return conn.call(function, encoded, message)
     with translated_errors():
-        row = conn.execute(f"SELECT {function}(%s::jsonb, %s) AS answer", (encoded, message)).fetchone()
-    assert row is not None
-    return row["answer"]
+        return call_alone(conn, function, encoded, message)
 
 
 def claim_job(

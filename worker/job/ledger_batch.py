@@ -220,11 +220,7 @@ class LedgerBatcher:
         return [answers[n] for n in range(1, len(batch) + 1)]
 
     def _alone(self, pending: _Call) -> Any:
-        row = (
-            self._connection().execute(_ALONE[pending.function], (pending.fields, pending.message)).fetchone()
-        )
-        assert row is not None
-        return row["answer"]
+        return call_alone(self._connection(), pending.function, pending.fields, pending.message)
 
     def _connection(self) -> Connection:
         conn = self._conn
@@ -247,4 +243,11 @@ class LedgerBatcher:
                 conn.close()
 
 
-__all__ = ["FUNCTIONS", "LedgerBatcher"]
+def call_alone(conn: Connection, function: str, fields: str, message: bytes | None) -> Any:
+    """``function(fields::jsonb, message)``'s answer, in a statement of its own on ``conn``."""
+    row = conn.execute(_ALONE[function], (fields, message)).fetchone()
+    assert row is not None
+    return row["answer"]
+
+
+__all__ = ["FUNCTIONS", "LedgerBatcher", "call_alone"]
