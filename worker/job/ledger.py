@@ -77,7 +77,7 @@ def _call(
     """``function(fields, message)``'s answer, committed: on ``conn`` alone, or in a batch."""
     encoded = json.dumps(fields)
     if isinstance(conn, LedgerBatcher):
-        return conn.call(function, encoded, message)
+        return conn.call(function, str(fields["job_id"]), encoded, message)
     with translated_errors():
         return call_alone(conn, function, encoded, message)
 

@@ -65,10 +65,11 @@ class _Call:
     """One thread's call, and its answer or error once ``done`` is released (a bare lock hands
     the answer over with less work than an event)."""
 
-    __slots__ = ("answer", "done", "error", "fields", "finished", "function", "message")
+    __slots__ = ("answer", "done", "error", "fields", "finished", "function", "job", "message")
 
-    def __init__(self, function: str, fields: str, message: bytes | None) -> None:
+    def __init__(self, function: str, job: str, fields: str, message: bytes | None) -> None:
         self.function = function
+        self.job = job
         self.fields = fields
         self.message = message
         self.answer: Any = None
@@ -109,13 +110,14 @@ class LedgerBatcher:
         self._lock = threading.Lock()
         self._closed = False
 
-    def call(self, function: str, fields: str, message: bytes | None) -> Any:
-        """``function(fields::jsonb, message)``'s answer, once it is committed.
+    def call(self, function: str, job: str, fields: str, message: bytes | None) -> Any:
+        """``function(fields::jsonb, message)``'s answer for the job with id ``job``, once it is
+        committed.
 
         Raises what the call alone would raise (through ``translated_errors``).
         """
         assert function in FUNCTIONS
-        pending = _Call(function, fields, message)
+        pending = _Call(function, job, fields, message)
         self._start()
         self._calls.put(pending)
         if not pending.done.acquire(timeout=-1 if self._wait_s is None else self._wait_s):
@@ -203,8 +205,11 @@ class LedgerBatcher:
                 pending.finish(answer)
 
     def _batched(self, batch: list[_Call]) -> list[Any]:
-        calls = ",".join(f'{{"f":"{pending.function}","p":{pending.fields}}}' for pending in batch)
-        messages = [pending.message for pending in batch]
+        # In job id order, the order `postbote cancel` locks jobs in: a batch holds the rows of
+        # all its jobs until it ends, and two takers of the same rows in one order cannot deadlock.
+        ordered = sorted(batch, key=lambda pending: pending.job)
+        calls = ",".join(f'{{"f":"{pending.function}","p":{pending.fields}}}' for pending in ordered)
+        messages = [pending.message for pending in ordered]
         rows = (
             self._connection()
             .execute(
@@ -216,8 +221,8 @@ class LedgerBatcher:
             )
             .fetchall()
         )
-        answers = {row["n"]: row["answer"] for row in rows}
-        return [answers[n] for n in range(1, len(batch) + 1)]
+        answers = {id(ordered[row["n"] - 1]): row["answer"] for row in rows}
+        return [answers[id(pending)] for pending in batch]
 
     def _alone(self, pending: _Call) -> Any:
         return call_alone(self._connection(), pending.function, pending.fields, pending.message)
