@@ -14,6 +14,7 @@ from tests.support.hostile import publish_raw_message
 from tests.support.ledger import wait_dead, wait_final
 from tests.support.services import RunningWorker, delete_queues, isolated_settings, postbote, send_jobs
 from worker.db import Connection
+from worker.job.ledger import event_reply
 from worker.settings import Settings
 from worker.testbed.documents import make_job
 from worker.testbed.sink import Sink
@@ -72,7 +73,28 @@ def assert_events_agree_with_the_ledger(
     assert [(r["address"], r["state"]) for r in last["recipients"]] == [
         (r["address"], r["state"]) for r in recipients
     ]
+    read_back = db.execute(
+        "SELECT postbote_event_body(d, postbote_event_recipients(d.job_id)) AS body"
+        " FROM deliveries d WHERE job_id = %s",
+        (job_id,),
+    ).fetchone()
+    assert last == read_back["body"]
     return events
+
+
+@pytest.mark.parametrize(
+    ("code", "enhanced", "text"),
+    [(250, "2.0.0", "Ok"), (250, None, ""), (None, None, None), (0, None, "x"), (451, "4.7.1", "")],
+)
+def test_a_worker_lists_a_reply_as_the_ledger_reads_it_back(
+    db: Connection, code: int | None, enhanced: str | None, text: str | None
+) -> None:
+    fate = {"code": code, "enhanced": enhanced, "text": text}
+    row = db.execute(
+        "SELECT NULLIF(concat_ws(' ', NULLIF(%s::integer, 0)::text, %s::text, %s::text), '') AS reply",
+        (code, enhanced, text),
+    ).fetchone()
+    assert event_reply(fate) == row["reply"]
 
 
 def test_a_sent_job_has_one_sent_event_with_its_recipients(

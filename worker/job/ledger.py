@@ -204,6 +204,10 @@ def record_attempt(conn: Connection | LedgerBatcher, record: AttemptRecord) -> S
         "message_id": record.message_id,
         "next_attempt_ms": record.next_attempt_ms,
         "fates": fates,
+        "event_recipients": [
+            {"address": f["address"], "role": f["role"], "state": f["state"], "reply": event_reply(f)}
+            for f in fates
+        ],
         "attempt": record.attempt,
         "started_at": record.started_at,
         "duration_ms": record.duration_ms,
@@ -211,7 +215,7 @@ def record_attempt(conn: Connection | LedgerBatcher, record: AttemptRecord) -> S
         "reply": _storable(record.reply),
         "tried": tried,
     }
-    # The job's status, the recipients, the attempt and its event (deploy/migrations/0010).
+    # The job's status, the recipients, the attempt and its event (deploy/migrations/0015).
     if not _call(conn, "postbote_record_attempt", fields, record.message):
         raise _not_recorded(record)
     return verdict.status
@@ -473,6 +477,13 @@ def _storable(text: str | None) -> str | None:
     return storable(text) if text is not None else None
 
 
+def event_reply(fate: dict[str, Any]) -> str | None:
+    """A stored fate's reply as an event lists it, as ``postbote_event_recipients`` reads it back
+    (deploy/migrations/0015_lighter_writes.sql)."""
+    parts = (str(fate["code"]) if fate["code"] else None, fate["enhanced"], fate["text"])
+    return " ".join(p for p in parts if p is not None) or None
+
+
 def _reply_text(reply: SmtpReply | None) -> str | None:
     return str(reply) if reply is not None else None
 
@@ -484,6 +495,7 @@ __all__ = [
     "claim_job",
     "delivery_record",
     "document_records",
+    "event_reply",
     "load_progress",
     "record_attempt",
     "record_failure",
