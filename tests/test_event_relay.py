@@ -59,7 +59,7 @@ def outbox_url() -> Iterator[str]:
 def relayed(settings: Settings, outbox_url: str) -> Iterator[Settings]:
     """Settings with this module's database (its outbox emptied) and a queue prefix of this test's own."""
     with connect(outbox_url, autocommit=True) as conn:
-        conn.execute("TRUNCATE events, deliveries CASCADE")
+        conn.execute("TRUNCATE events, deliveries, delivery_recipients, delivery_attempts CASCADE")
     own = isolated_settings(settings, database_url=outbox_url)
     yield own
     delete_queues(own)
@@ -247,6 +247,24 @@ def test_two_relays_at_once_publish_every_event_once_and_each_job_in_seq_order(
         for r in relays
     ]
     assert sum(published) == 200
+
+
+def test_a_job_whose_earlier_event_another_relay_holds_waits_for_it(
+    relayed: Settings, outbox: Connection, listen: Any
+) -> None:
+    listener = listen()
+    held, other = new_job(outbox, "acme", number="RE-1"), new_job(outbox, "acme", number="RE-2")
+    emit(outbox, held, "retrying", "retrying")
+    emit(outbox, other, "retrying", "retrying")
+    emit(outbox, held, "sent", "sent")
+    relay = EventRelay(relayed)
+    with connect(relayed.database_url) as another_relay:
+        another_relay.execute("SELECT id FROM events WHERE job_id = %s AND seq = 1 FOR UPDATE", (held,))
+        assert relay.relay_once() == 1
+        assert [(m[2]["job_id"], m[2]["seq"]) for m in listener.take(1)] == [(other, 1)]
+    assert relay.relay_once() == 2
+    assert [(m[2]["job_id"], m[2]["seq"]) for m in listener.take(2)] == [(held, 1), (held, 2)]
+    relay.close()
 
 
 def test_events_claimed_by_a_killed_relay_go_out_again_with_the_same_event_id(
