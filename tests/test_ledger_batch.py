@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from typing import Any
 
 import psycopg
@@ -19,7 +20,7 @@ from tests.test_ledger_records import attempt_of
 from worker.db import Connection, connect
 from worker.errors import DatabaseUnavailable
 from worker.job.intake import payload_digest
-from worker.job.ledger import Claim, ClaimResult, claim_job, record_attempt
+from worker.job.ledger import Claim, ClaimResult, claim_job, record_attempt, release_claims, session_name
 from worker.job.ledger_batch import LedgerBatcher
 from worker.settings import Settings
 from worker.testbed.documents import make_job
@@ -157,3 +158,23 @@ def test_a_closed_writer_answers_at_once(settings: Settings) -> None:
     writer.close()
     with pytest.raises(DatabaseUnavailable):
         claim(writer, *a_job())
+
+
+def test_a_claim_still_being_written_when_its_process_died_is_released_too(settings: Settings) -> None:
+    # A killed process's last batch can still be running in its server session: released before
+    # it commits, its claims would hold their jobs until they expire.
+    holder = f"host-dead:{uuid.uuid4().hex[:8]}"
+    job, data = a_job()
+    dying = connect(settings.database_url, application_name=session_name(holder))
+    assert claim_job(dying, job, payload_digest(data), holder=holder, claim_ms=600_000).claim is Claim.CLAIMED
+    with connect(settings.database_url) as supervisor:
+        released = threading.Thread(target=release_claims, args=(supervisor, holder))
+        released.start()
+        released.join(30)
+        assert not released.is_alive()
+    with suppress(psycopg.Error):
+        dying.commit()
+    dying.close()
+    with connect(settings.database_url, autocommit=True) as conn:
+        again = claim_job(conn, job, payload_digest(data), holder="host-b:1", claim_ms=60_000)
+    assert again.claim in (Claim.CLAIMED, Claim.TAKEN_OVER)

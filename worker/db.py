@@ -118,15 +118,20 @@ _NOT_OUR_STATEMENT = frozenset(
 )
 
 
-def connection_kwargs(database_url: str, *, statement_timeout_ms: int) -> dict[str, Any]:
+def connection_kwargs(
+    database_url: str, *, statement_timeout_ms: int, application_name: str | None = None
+) -> dict[str, Any]:
     """The psycopg and libpq options of a postbote connection to ``database_url``.
 
     What the URL sets itself wins: its keepalive settings, and a ``statement_timeout`` in
     its ``options``. ``statement_timeout_ms=0`` sends none (for a pooler that refuses the
-    ``options`` startup parameter; set the timeout on the server's role instead).
+    ``options`` startup parameter; set the timeout on the server's role instead). An
+    ``application_name`` given here wins over the URL's: it names the session for postbote.
     """
     given = psycopg.conninfo.conninfo_to_dict(database_url)
     kwargs: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, "prepare_threshold": None}
+    if application_name is not None:
+        kwargs["application_name"] = application_name
     kwargs.update({k: v for k, v in KEEPALIVES.items() if k not in given})
     options = str(given.get("options") or "")
     if statement_timeout_ms > 0 and "statement_timeout" not in options:
@@ -135,7 +140,11 @@ def connection_kwargs(database_url: str, *, statement_timeout_ms: int) -> dict[s
 
 
 def connect(
-    database_url: str, *, autocommit: bool = False, statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS
+    database_url: str,
+    *,
+    autocommit: bool = False,
+    statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
+    application_name: str | None = None,
 ) -> Connection:
     """One connection with dict rows; ``DatabaseUnavailable`` when the server cannot be reached."""
     try:
@@ -143,7 +152,9 @@ def connect(
             database_url,
             autocommit=autocommit,
             row_factory=dict_row,
-            **connection_kwargs(database_url, statement_timeout_ms=statement_timeout_ms),
+            **connection_kwargs(
+                database_url, statement_timeout_ms=statement_timeout_ms, application_name=application_name
+            ),
         )
     except psycopg.OperationalError as e:
         raise DatabaseUnavailable(f"database unreachable: {_first_line(e)}") from e
@@ -152,7 +163,11 @@ def connect(
 
 
 def make_pool(
-    database_url: str, *, max_size: int, statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS
+    database_url: str,
+    *,
+    max_size: int,
+    statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
+    application_name: str | None = None,
 ) -> ConnectionPool[Connection]:
     """A pool for a worker process: autocommit connections, opened lazily.
 
@@ -162,7 +177,9 @@ def make_pool(
     one (a standby behind the URL, ``default_transaction_read_only``): it is dropped
     when it comes back to the pool, so the next one may find the new primary.
     """
-    kwargs = connection_kwargs(database_url, statement_timeout_ms=statement_timeout_ms)
+    kwargs = connection_kwargs(
+        database_url, statement_timeout_ms=statement_timeout_ms, application_name=application_name
+    )
     limit = answer_limit_s(statement_timeout_ms)
 
     def configure(conn: Connection) -> None:

@@ -66,6 +66,7 @@ from worker.job.ledger import (
     record_failure,
     record_given_up,
     renew_claim,
+    session_name,
 )
 from worker.job.ledger_batch import LedgerBatcher
 from worker.job.outcome import AttemptRecord, Fate, settle
@@ -114,13 +115,21 @@ class Pipeline:
         self._busy: Counter[str] = Counter()
         self._busy_lock = threading.Lock()
         self.holder = holder or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        # Named, so the supervisor can end a dead process's sessions before it releases its claims.
+        session = session_name(self.holder)
         self.db = make_pool(
-            settings.database_url, max_size=16, statement_timeout_ms=settings.statement_timeout_ms
+            settings.database_url,
+            max_size=16,
+            statement_timeout_ms=settings.statement_timeout_ms,
+            application_name=session,
         )
         limit_s = answer_limit_s(settings.statement_timeout_ms)
         self.ledger = LedgerBatcher(
             lambda: connect(
-                settings.database_url, autocommit=True, statement_timeout_ms=settings.statement_timeout_ms
+                settings.database_url,
+                autocommit=True,
+                statement_timeout_ms=settings.statement_timeout_ms,
+                application_name=session,
             ),
             # One batch ahead of its own, and a connection opened anew.
             wait_s=2 * limit_s + CONNECT_TIMEOUT_S if limit_s is not None else None,

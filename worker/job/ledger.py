@@ -367,9 +367,30 @@ def renew_claim(conn: Connection, job_id: UUID, *, holder: str, claim_ms: int) -
     return row is not None
 
 
-def release_claims(conn: Connection, holder: str) -> int:
-    """Expire every claim of ``holder`` (a worker process known to be dead); returns how many."""
+def session_name(holder: str) -> str:
+    """The ``application_name`` of the database sessions that write ``holder``'s claims: its
+    end (the unique part) if the whole is longer than PostgreSQL keeps."""
+    return f"postbote {holder}"[-SESSION_NAME_MAX:]
+
+
+SESSION_NAME_MAX = 63
+"""PostgreSQL keeps that many bytes of an ``application_name`` (``NAMEDATALEN - 1``)."""
+
+
+def release_claims(conn: Connection, holder: str, *, wait_s: float = 10.0) -> int:
+    """Expire every claim of ``holder`` (a worker process known to be dead); returns how many.
+
+    A statement the process sent before it died may still run in its session and commit claims
+    after they were released: its sessions (named with :func:`session_name`) are ended first,
+    and the release waits up to ``wait_s`` for them to be gone.
+    """
+    name = session_name(holder)
     with translated_errors():
+        conn.execute(
+            "SELECT pg_terminate_backend(pid, %s) FROM pg_stat_activity"
+            " WHERE application_name = %s AND usename = current_user AND pid <> pg_backend_pid()",
+            (int(wait_s * 1000), name),
+        )
         cursor = conn.execute(
             "UPDATE deliveries SET claimed_until = clock_timestamp() - interval '1 ms'"
             " WHERE claimed_by = %s AND status = %s",
@@ -502,5 +523,6 @@ __all__ = [
     "record_given_up",
     "release_claims",
     "renew_claim",
+    "session_name",
     "reopen_failed",
 ]
