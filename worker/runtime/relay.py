@@ -56,14 +56,9 @@ EVENT_COLUMNS = "id, event_id, job_id, seq, type, tenant_id, doc_type, body, occ
 """The ``events`` columns :meth:`OutboxEvent.from_row` reads."""
 
 _CLAIM = (
-    f"WITH claimed AS (SELECT {EVENT_COLUMNS} FROM events WHERE published_at IS NULL"
-    " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
-    " SELECT claimed.*, clock_timestamp() AS now, (SELECT count(*) FROM events"
-    "   WHERE published_at IS NULL AND id <= (SELECT max(id) FROM claimed)) AS head"
-    " FROM claimed ORDER BY id"
+    f"SELECT {EVENT_COLUMNS}, clock_timestamp() AS now FROM events WHERE published_at IS NULL"
+    " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
 )
-"""The oldest unpublished events no other relay holds, with ``head``: how many unpublished events
-the same snapshot sees up to the newest of them (as many as were claimed: none is held elsewhere)."""
 _FIRST_NOT_CLAIMED = (
     "SELECT job_id, min(id) AS first FROM events"
     " WHERE published_at IS NULL AND job_id = ANY(%s) AND NOT id = ANY(%s) GROUP BY job_id"
@@ -233,9 +228,7 @@ class EventRelay:
             if not rows:
                 return 0
             claimed_at, started = rows[0]["now"], time.monotonic()
-            events = [OutboxEvent.from_row(r) for r in rows]
-            if rows[0]["head"] > len(rows):
-                events = _in_job_order(conn, events)
+            events = _in_job_order(conn, [OutboxEvent.from_row(r) for r in rows])
             # A slow broker must not keep the transaction open for long: what it confirmed in
             # time is marked, the rest goes out with the next batch.
             confirmed = self._publisher.publish([(e.routing_key, e.encode(), e.properties()) for e in events])
