@@ -18,12 +18,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pika
 import psycopg
 import yaml
 from cryptography.hazmat.backends.openssl import backend
 
 from producer.queues import delete_queues
-from schemas.constants import lane_queues
+from schemas.constants import events_exchange, lane_queues
 from worker.db import connect, drop_database, ensure_database, upgrade
 from worker.settings import Settings
 from worker.testbed.sink import free_port
@@ -58,7 +59,7 @@ def machine() -> str:
 
 @contextmanager
 def bench_settings(**overrides: Any) -> Iterator[Settings]:
-    """Settings with a fresh database and queue prefix, both removed afterwards."""
+    """Settings with a fresh database and queue prefix, removed afterwards with the prefix's events exchange."""
     token = uuid.uuid4().hex[:8]
     name = f"postbote_bench_{token}"
     url = psycopg.conninfo.make_conninfo(ADMIN_URL, dbname=name)
@@ -78,6 +79,11 @@ def bench_settings(**overrides: Any) -> Iterator[Settings]:
         while _SPAWNED:
             stop(_SPAWNED.pop())
         delete_queues(settings.broker_url, lane_queues(settings.queue_prefix))
+        connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
+        try:
+            connection.channel().exchange_delete(events_exchange(settings.queue_prefix))
+        finally:
+            connection.close()
         drop_database(url)
 
 
