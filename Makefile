@@ -47,6 +47,7 @@ bench: install services
 	$(PY) bench/throughput.py
 	$(PY) bench/consumer.py
 	$(PY) bench/stages.py
+	$(PY) bench/ledger_sql.py
 	$(PY) bench/dkim_sign.py
 	$(PY) bench/events_lag.py
 	$(PY) bench/fairness.py

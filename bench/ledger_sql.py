@@ -1,6 +1,6 @@
 """PostgreSQL CPU per mail of the ledger's writes, as a worker process's ledger writer sends them.
 
-    python bench/ledger_sql.py [--mails 6000] [--batch 6] [--rounds 10] [--overlay NAME=FILE.sql]…
+    python bench/ledger_sql.py [--mails 600] [--batch 6] [--rounds 10] [--overlay NAME=FILE.sql]…
 
 ``--batch`` threads claim a job each at the same moment through one ``LedgerBatcher``, so their
 claims go as one statement and one commit, then record a sent attempt (three recipients: the
