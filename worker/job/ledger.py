@@ -367,14 +367,14 @@ def renew_claim(conn: Connection, job_id: UUID, *, holder: str, claim_ms: int) -
     return row is not None
 
 
+SESSION_NAME_MAX = 63
+"""PostgreSQL keeps that many bytes of an ``application_name`` (``NAMEDATALEN - 1``)."""
+
+
 def session_name(holder: str) -> str:
     """The ``application_name`` of the database sessions that write ``holder``'s claims: its
     end (the unique part) if the whole is longer than PostgreSQL keeps."""
     return f"postbote {holder}"[-SESSION_NAME_MAX:]
-
-
-SESSION_NAME_MAX = 63
-"""PostgreSQL keeps that many bytes of an ``application_name`` (``NAMEDATALEN - 1``)."""
 
 
 def release_claims(conn: Connection, holder: str, *, wait_s: float = 10.0) -> int:
