@@ -18,13 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pika
 import psycopg
 import yaml
 from cryptography.hazmat.backends.openssl import backend
 
-from producer.queues import delete_queues
-from schemas.constants import events_exchange, lane_queues
+from producer.queues import delete_prefix
 from worker.db import connect, drop_database, ensure_database, upgrade
 from worker.settings import Settings
 from worker.testbed.sink import free_port
@@ -78,12 +76,7 @@ def bench_settings(**overrides: Any) -> Iterator[Settings]:
     finally:
         while _SPAWNED:
             stop(_SPAWNED.pop())
-        delete_queues(settings.broker_url, lane_queues(settings.queue_prefix))
-        connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
-        try:
-            connection.channel().exchange_delete(events_exchange(settings.queue_prefix))
-        finally:
-            connection.close()
+        delete_prefix(settings.broker_url, settings.queue_prefix)
         drop_database(url)
 
 

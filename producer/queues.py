@@ -14,6 +14,8 @@ from typing import Any, Literal
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
+from schemas.constants import events_exchange, lane_queues
+
 QueueType = Literal["classic", "quorum"]
 QUEUE_TYPES: tuple[QueueType, ...] = ("classic", "quorum")
 
@@ -94,6 +96,17 @@ def delete_queues(broker_url: str, queues: Iterable[str]) -> None:
         connection.close()
 
 
+def delete_prefix(broker_url: str, prefix: str) -> None:
+    """Delete what ``prefix`` has on the broker: each lane's work, delay and dead-letter queues
+    and the events exchange (tests and benchmarks clean up)."""
+    delete_queues(broker_url, lane_queues(prefix))
+    connection = pika.BlockingConnection(broker_parameters(broker_url))
+    try:
+        connection.channel().exchange_delete(events_exchange(prefix))
+    finally:
+        connection.close()
+
+
 def broker_parameters(broker_url: str) -> list[pika.URLParameters]:
     """The connection parameters of each node in ``broker_url``: AMQP URLs separated by ``;``
     (dramatiq's convention), in the order they are tried."""
@@ -112,6 +125,7 @@ __all__ = [
     "dead_queue_arguments",
     "declare_queues",
     "delay_queue_arguments",
+    "delete_prefix",
     "delete_queues",
     "lane_declarations",
     "queue_arguments",

@@ -13,13 +13,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pika
 import psycopg
 import yaml
 
 import producer.queues
 from producer import publish
-from schemas.constants import events_exchange, lane_queues
 from schemas.job import Job
 from worker.db import connect
 from worker.runtime.secrets_box import generate_key, load_key_ring
@@ -75,12 +73,7 @@ def isolated_settings(settings: Settings, **overrides: Any) -> Settings:
 
 def delete_queues(settings: Settings) -> None:
     """Delete every queue under ``settings.queue_prefix``, and its events exchange."""
-    producer.queues.delete_queues(settings.broker_url, lane_queues(settings.queue_prefix))
-    connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
-    try:
-        connection.channel().exchange_delete(events_exchange(settings.queue_prefix))
-    finally:
-        connection.close()
+    producer.queues.delete_prefix(settings.broker_url, settings.queue_prefix)
 
 
 def settings_env(settings: Settings, **overrides: Any) -> dict[str, str]:
