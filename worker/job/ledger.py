@@ -523,6 +523,6 @@ __all__ = [
     "record_given_up",
     "release_claims",
     "renew_claim",
-    "session_name",
     "reopen_failed",
+    "session_name",
 ]
