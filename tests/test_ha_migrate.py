@@ -1,6 +1,7 @@
 """``postbote queues migrate --to quorum`` moves an installation's classic queues to quorum queues
-under load: messages waiting in the work and delay queues, a publisher going on throughout. No job
-is lost and none is sent twice. On the private RabbitMQ cluster, the ledger on a private PostgreSQL."""
+under load: messages waiting in the work and delay queues. While a publisher is still sending it
+is refused with nothing changed; once the publishers stop it goes through. No job is lost and
+none is sent twice. On the private RabbitMQ cluster, the ledger on a private PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from producer import PublishError
 from schemas.constants import lane_queues
 from tests.support.cluster import PostgresPair, RabbitmqCluster, ha_settings, publish_jobs, wait_received
 from tests.support.faults import assert_sent_once_or_dead
@@ -26,14 +26,15 @@ from worker.tools.queues import MIGRATING_SUFFIX
 pytestmark = pytest.mark.ha
 
 BEFORE = 150
-DURING = 60
+AFTER = 20
+CUSTOMERS = 1000
 GREYLISTED = "451 4.7.1 greylisted, try again later"
 
 
 @pytest.fixture
 def greylisting_sink(tmp_path: Path) -> Iterator[Sink]:
     """Greylists every tenth customer once, so retries wait in the delay queue."""
-    rules = {f"kunde{n}@example.com": [GREYLISTED, None] for n in range(0, BEFORE + DURING, 10)}
+    rules = {f"kunde{n}@example.com": [GREYLISTED, None] for n in range(0, CUSTOMERS, 10)}
     sink = Sink(tmp_path / "maildir", handler=RecipientRules(tmp_path / "maildir", rules=rules))
     yield sink
     sink.stop()
@@ -75,30 +76,34 @@ def test_migrating_to_quorum_under_load_loses_no_job_and_sends_none_twice(
     assert "to become quorum" in dry.stdout and "nothing was changed" in dry.stdout
     assert set(queue_types(rabbitmq_cluster, classic).values()) == {"classic"}
 
-    # Producers already name the new type: it only matters for a lane that does not exist.
+    # A publisher still sending: refused before anything changed, nothing lost.
     published: list[str] = []
-    failures: list[PublishError] = []
+    sending, done = threading.Event(), threading.Event()
 
     def publish_during() -> None:
-        for n in range(BEFORE, BEFORE + DURING, 5):
-            for _ in range(10):
-                try:
-                    published.extend(publish_jobs(quorum, [job(k) for k in range(n, n + 5)]))
-                    break
-                except PublishError as e:  # unroutable while its queue is redeclared: try again
-                    failures.append(e)
-                    time.sleep(0.2)
-            time.sleep(0.05)
+        while not done.is_set():
+            first = BEFORE + len(published)
+            published.extend(publish_jobs(classic, [job(k) for k in range(first, first + 5)]))
+            sending.set()
+            time.sleep(0.25)
 
     publisher = threading.Thread(target=publish_during)
     publisher.start()
     try:
-        migrated = postbote(classic, "queues", "migrate", "--to", "quorum")
+        assert sending.wait(30), "the publisher did not get going"
+        refused = postbote(classic, "queues", "migrate", "--to", "quorum")
     finally:
-        publisher.join(timeout=120)
+        done.set()
+        publisher.join(timeout=60)
+    assert refused.returncode == 1 and "stop every publisher" in refused.stderr, refused
+    assert set(queue_types(rabbitmq_cluster, classic).values()) == {"classic"}
+    assert not [q for q in rabbitmq_cluster.queues() if q.endswith(MIGRATING_SUFFIX)]
+
+    migrated = postbote(classic, "queues", "migrate", "--to", "quorum")
     assert migrated.returncode == 0, migrated.stderr
     assert "now quorum" in migrated.stdout and "POSTBOTE_QUEUE_TYPE=quorum" in migrated.stdout
-    assert len(published) == DURING, failures
+    first = BEFORE + len(published)
+    published.extend(publish_jobs(quorum, [job(k) for k in range(first, first + AFTER)]))
     assert set(queue_types(rabbitmq_cluster, classic).values()) == {"quorum"}
     assert not [q for q in rabbitmq_cluster.queues() if q.endswith(MIGRATING_SUFFIX)]
 

@@ -21,7 +21,17 @@ def wait_final(db: Connection, job_ids: list[str], timeout: float = 60) -> dict[
         if len(rows) == len(job_ids):
             return rows
         time.sleep(0.1)
-    raise AssertionError(f"only {len(rows)} of {len(job_ids)} jobs ended within {timeout}s")
+    open_rows = db.execute(
+        "SELECT job_id, status, reason, attempts, takeovers, claimed_by, claimed_until - clock_timestamp() AS claim_left,"
+        " next_attempt_at - clock_timestamp() AS next_in FROM deliveries"
+        " WHERE job_id = ANY(%s::uuid[]) AND NOT job_id = ANY(%s::uuid[])",
+        (job_ids, list(rows)),
+    ).fetchall()
+    missing = len(job_ids) - len(rows) - len(open_rows)
+    raise AssertionError(
+        f"only {len(rows)} of {len(job_ids)} jobs ended within {timeout}s;"
+        f" {missing} have no ledger row; the others: {open_rows}"
+    )
 
 
 def wait_status(db: Connection, job_id: str, status: str, timeout: float = 30) -> dict[str, Any]:

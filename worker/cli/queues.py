@@ -1,4 +1,4 @@
-"""``postbote queues migrate --to classic|quorum [--dry-run] [--json]``."""
+"""``postbote queues migrate --to classic|quorum [--dry-run] [--quiet-seconds S] [--json]``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pika.exceptions
 from producer.queues import QUEUE_TYPES
 from worker.cli.output import fail, print_json
 from worker.settings import Settings
-from worker.tools.queues import MIGRATING_SUFFIX, MigrationRefused, migrate_queues
+from worker.tools.queues import MIGRATING_SUFFIX, QUIET_S, MigrationRefused, migrate_queues
 
 
 def register(subparsers: Any) -> None:
@@ -20,12 +20,29 @@ def register(subparsers: Any) -> None:
     migrate = commands.add_parser(
         "migrate",
         help="change the type of every queue (work, .DQ, .XQ) in place without losing a message; "
-        "stop the workers first",
+        "stop the workers and the publishers first",
     )
     migrate.add_argument("--to", required=True, choices=QUEUE_TYPES, help="the queue type to migrate to")
     migrate.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
+    migrate.add_argument(
+        "--quiet-seconds",
+        type=_seconds,
+        default=QUIET_S,
+        metavar="S",
+        help=f"refuse if a message arrives in a queue to migrate within S seconds (default {QUIET_S:g})",
+    )
     migrate.add_argument("--json", action="store_true", help="print the report as JSON")
     migrate.set_defaults(func=run_migrate)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds between 0 and 600")
+    return value
 
 
 def run_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -35,6 +52,7 @@ def run_migrate(args: argparse.Namespace, settings: Settings) -> int:
             settings.queue_prefix,
             args.to,
             dry_run=args.dry_run,
+            quiet_s=args.quiet_seconds,
             progress=None if args.json else print,
         )
     except MigrationRefused as e:

@@ -1,24 +1,29 @@
 """Change the type of an installation's queues in place, without losing a message
 (``postbote queues migrate --to quorum``).
 
-RabbitMQ cannot change the type of a queue: it has to be deleted and declared anew. For each
-queue of each lane (the work queue, ``.DQ`` and ``.XQ``) that is not of the target type yet:
+RabbitMQ cannot change the type of a queue: it has to be deleted and declared anew. A message a
+publisher sends while its queue is being deleted can be confirmed and dropped (RabbitMQ confirms
+what was routed to a queue that was deleted before the message reached it), and the default
+exchange cannot be unbound from a queue. So nothing may publish to postbote's queues during the
+migration, and nothing may consume from them:
 
-1. its messages move into a temporary queue ``<name>.migrating`` of the target type, each one
+1. queues with consumers (workers still running) are refused;
+2. every queue to migrate is watched for ``quiet_s`` seconds: a message arriving in one means a
+   publisher is still sending, and the migration is refused before anything changed.
+
+Then, for each queue of each lane (the work queue, ``.DQ`` and ``.XQ``) that is not of the
+target type yet:
+
+3. its messages move into a temporary queue ``<name>.migrating`` of the target type, each one
    acknowledged only after the broker confirmed its copy;
-2. the queue is deleted only if it is empty (``if_empty``): a message published since step 1
-   makes RabbitMQ refuse, and step 1 runs again;
-3. it is declared with the target type's arguments (``producer.queues``); when a publisher
-   declared it again in between with the old type, steps 1–3 run again;
-4. the messages move back, and the temporary queue is deleted.
+4. the queue is deleted only if it is empty (``if_empty``): a message published since step 2
+   makes RabbitMQ refuse, the messages move back and the migration is refused;
+5. it is declared with the target type's arguments (``producer.queues``);
+6. the messages move back, and the temporary queue is deleted.
 
-The workers must be stopped: a running consumer declares its queue again with its own type, so
-a queue with consumers is refused. Publishers may go on: between steps 2 and 3 a message to the
-lane is unroutable for a few milliseconds, which a mandatory publisher with confirms is told
-(``postbote send`` and the producer library try again a second later). RabbitMQ cannot delete a
-quorum queue only if it is empty, so going back (``--to classic``) wants the publishers stopped too. A message moves with its
-properties; one published by another RabbitMQ user (``user_id``) moves only for a user with
-RabbitMQ's ``impersonator`` tag, else the migration stops with that message still in place.
+A message moves with its properties; one published by another RabbitMQ user (``user_id``) moves
+only for a user with RabbitMQ's ``impersonator`` tag, else the migration stops with that message
+still in place.
 """
 
 from __future__ import annotations
@@ -35,7 +40,14 @@ from producer.queues import QueueType, broker_parameters, lane_declarations
 from schemas.constants import lane_queues
 
 MIGRATING_SUFFIX = ".migrating"
-_ROUNDS = 10
+QUIET_S = 3.0
+"""How long the queues must receive nothing before the migration starts."""
+
+
+_PUBLISHERS = (
+    "stop every publisher (the ERP's senders, `postbote send`) for the migration: RabbitMQ may confirm a "
+    "message sent to a queue while it is deleted, and drop it"
+)
 
 
 class MigrationRefused(Exception):
@@ -63,6 +75,7 @@ def migrate_queues(
     to: QueueType,
     *,
     dry_run: bool = False,
+    quiet_s: float = QUIET_S,
     progress: Callable[[str], None] | None = None,
 ) -> list[QueueReport]:
     """Bring every queue of both lanes under ``queue_prefix`` to type ``to``; returns a report per queue.
@@ -70,8 +83,9 @@ def migrate_queues(
     With ``dry_run`` nothing changes: the report says what would be done.
 
     Raises:
-      MigrationRefused: a queue has consumers (workers still running), or a message could not be
-        moved; what was moved so far is in place, nothing is lost.
+      MigrationRefused: a queue has consumers (workers still running), a message arrived (a
+        publisher still sending), or a message could not be moved; what was moved so far is in
+        place, nothing is lost.
       pika.exceptions.AMQPError, OSError: the broker is unreachable.
     """
     connection = pika.BlockingConnection(broker_parameters(broker_url))
@@ -91,6 +105,13 @@ def migrate_queues(
             )
         if dry_run:
             return reports
+        changing = [r.name for r in reports if r.was not in (None, to)]
+        if changing:
+            if progress:
+                progress(
+                    f"watching {len(changing)} queue(s) for {quiet_s:g} s: nothing may publish to them now"
+                )
+            session.await_quiet(changing, quiet_s)
         for report, (name, arguments) in zip(reports, plans, strict=True):
             if report.was not in (None, to):
                 report.moved = session.migrate(name, arguments, to)
@@ -162,31 +183,51 @@ class _Session:
                 f"{name} was declared meanwhile with other arguments; run the migration again"
             )
 
+    def await_quiet(self, names: list[str], quiet_s: float) -> None:
+        """Refuse unless none of ``names`` receives a message for ``quiet_s`` seconds."""
+        before = {name: self._counts(name) for name in names}
+        self.connection.sleep(quiet_s)
+        grew = [
+            f"{name} (+{after[0] - was[0]})"
+            for name, was in before.items()
+            if was is not None and (after := self._counts(name)) is not None and after[0] > was[0]
+        ]
+        if grew:
+            raise MigrationRefused(
+                f"messages arrived within {quiet_s:g} s in {', '.join(grew)}: {_PUBLISHERS}; nothing was changed"
+            )
+
     def migrate(self, name: str, arguments: dict[str, Any], to: QueueType) -> int:
         temporary = name + MIGRATING_SUFFIX
         self.channel.queue_declare(
             temporary, durable=True, arguments={"x-queue-type": "quorum"} if to == "quorum" else {}
         )
-        moved = 0
-        for _ in range(_ROUNDS):
-            moved += self._move(name, temporary)
-            if not self._delete_if_empty(name, quorum=to == "classic"):
-                continue
-            if self._declare_or_refused(name, arguments):
-                # A channel remembers the type of a queue it used by name: publishing into the
-                # new queue on the old channel fails (541 INTERNAL_ERROR on RabbitMQ 3.10).
-                self.channel.close()
-                self.channel = self._fresh()
-                break
-        else:
+        counts = self._counts(name)
+        moved = self._move(name, temporary, limit=counts[0] if counts else None)
+        if not self._delete_if_empty(name, quorum=to == "classic"):
+            self._give_back(temporary, name, moved, quorum=to == "quorum")
+            raise MigrationRefused(f"a message arrived in {name} during its migration: {_PUBLISHERS}")
+        if not self._declare_or_refused(name, arguments):
+            self._give_back(temporary, name, moved, quorum=to == "quorum")
             raise MigrationRefused(
-                f"{name} kept being declared again with its old type; stop every publisher that declares "
-                f"it with that type and run the migration again (its messages wait in {temporary})"
+                f"{name} was declared again with its old type during its migration: {_PUBLISHERS}"
             )
+        # A channel remembers the type of a queue it used by name: publishing into the new queue
+        # on the old channel fails (541 INTERNAL_ERROR on RabbitMQ 3.10).
+        self.channel.close()
+        self.channel = self._fresh()
         back = self._move(temporary, name)
         if back != moved or not self._delete_if_empty(temporary, quorum=to == "quorum"):
             raise MigrationRefused(f"{temporary} is not empty: run the migration again")
         return moved
+
+    def _give_back(self, temporary: str, name: str, moved: int, *, quorum: bool) -> None:
+        """Return the moved messages to ``name`` (still of its old type) and drop ``temporary``."""
+        if self._move(temporary, name) != moved or not self._delete_if_empty(temporary, quorum=quorum):
+            raise MigrationRefused(
+                f"a publisher is still sending to {name}, and {temporary} still holds messages: stop every "
+                "publisher and run the migration again"
+            )
 
     def _delete_if_empty(self, name: str, *, quorum: bool = False) -> bool:
         """Delete ``name`` if it holds no message. RabbitMQ does not take ``if_empty`` for a quorum
@@ -199,10 +240,11 @@ class _Session:
             return True
         return self._unless_precondition_failed(lambda: self.channel.queue_delete(name, if_empty=True))
 
-    def _move(self, source: str, target: str) -> int:
-        """Move every message of ``source`` to ``target``; each is acknowledged after its copy is confirmed."""
+    def _move(self, source: str, target: str, *, limit: int | None = None) -> int:
+        """Move every message of ``source`` (at most ``limit``) to ``target``; each is acknowledged
+        after its copy is confirmed."""
         moved = 0
-        while True:
+        while limit is None or moved < limit:
             method, properties, body = self.channel.basic_get(source, auto_ack=False)
             if method is None:
                 return moved
@@ -219,6 +261,7 @@ class _Session:
                 ) from e
             self.channel.basic_ack(method.delivery_tag)
             moved += 1
+        return moved
 
 
 __all__ = ["MIGRATING_SUFFIX", "MigrationRefused", "QueueReport", "migrate_queues"]
