@@ -18,8 +18,9 @@ CUSTOMER = "kunde.retention@example.com"
 def age(db: Connection, job_ids: list[str], *, days: int, dead_days: int | None = None) -> None:
     """Make the jobs look as if they ended ``days`` ago (their dead letters ``dead_days`` ago)."""
     db.execute(
-        "UPDATE deliveries SET updated_at = now() - %s * interval '1 day' WHERE job_id = ANY(%s::uuid[])",
-        (days, job_ids),
+        "UPDATE deliveries SET created_at = now() - %s * interval '1 day', updated_at = now() - %s * interval '1 day'"
+        " WHERE job_id = ANY(%s::uuid[])",
+        (days, days, job_ids),
     )
     db.execute(
         "UPDATE events SET occurred_at = now() - %s * interval '1 day' WHERE job_id = ANY(%s::uuid[])",
@@ -51,9 +52,12 @@ def test_retention_removes_addresses_bodies_and_attachments_of_old_jobs_and_keep
     assert [rows[i]["status"] for i in ids] == ["sent", "sent", "failed", "failed"]
     wait_dead(db, refused["job_id"])
     wait_dead(db, young_dead["job_id"])
-    before = db.execute("SELECT * FROM deliveries WHERE job_id = %s", (sent["job_id"],)).fetchone()
     age(db, [sent["job_id"], refused["job_id"]], days=31, dead_days=91)
     age(db, [young_dead["job_id"]], days=31)
+    db.execute(
+        "UPDATE deliveries SET created_at = now() - interval '40 days' WHERE job_id = %s", (recent["job_id"],)
+    )
+    before = db.execute("SELECT * FROM deliveries WHERE job_id = %s", (sent["job_id"],)).fetchone()
     assert CUSTOMER in rows_of(db, sent["job_id"])
 
     dry = postbote(settings, "retention", "run", "--dry-run")
@@ -94,7 +98,9 @@ def test_retention_removes_addresses_bodies_and_attachments_of_old_jobs_and_keep
     assert dead is not None and dead["message"] is None and dead["raw_body"] is None
     assert (dead["tenant_id"], dead["reason"]) == (tenant, "sender_not_permitted")
 
-    assert CUSTOMER in rows_of(db, recent["job_id"]), "a job that ended recently keeps everything"
+    assert CUSTOMER in rows_of(db, recent["job_id"]), (
+        "a job that ended recently keeps everything, though created long ago"
+    )
     young = db.execute(
         "SELECT message FROM dead_letters WHERE job_id = %s", (young_dead["job_id"],)
     ).fetchone()

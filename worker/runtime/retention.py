@@ -49,8 +49,9 @@ class RetentionReport:
 
 _JOBS = """
 SELECT job_id FROM deliveries
-WHERE redacted_at IS NULL AND status = ANY(%(final)s) AND updated_at < now() - %(days)s * interval '1 day'
-ORDER BY updated_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+WHERE redacted_at IS NULL AND status = ANY(%(final)s)
+  AND created_at < now() - %(days)s * interval '1 day' AND updated_at < now() - %(days)s * interval '1 day'
+ORDER BY created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 """
 
 _REDACT_JOBS = (
@@ -122,7 +123,7 @@ FROM batch WHERE d.id = batch.id
 
 _COUNTS = {
     "deliveries": "SELECT count(*) AS n FROM deliveries WHERE redacted_at IS NULL AND status = ANY(%(final)s)"
-    " AND updated_at < now() - %(days)s * interval '1 day'",
+    " AND created_at < now() - %(days)s * interval '1 day' AND updated_at < now() - %(days)s * interval '1 day'",
     "events": "SELECT count(*) AS n FROM events WHERE redacted_at IS NULL"
     " AND occurred_at < now() - %(days)s * interval '1 day'",
     "webhook_deliveries": "SELECT count(*) AS n FROM webhook_deliveries WHERE redacted_at IS NULL"
