@@ -231,7 +231,7 @@ class _Session:
 
     def _delete_if_empty(self, name: str, *, quorum: bool = False) -> bool:
         """Delete ``name`` if it holds no message. RabbitMQ does not take ``if_empty`` for a quorum
-        queue: one is deleted once seen empty (``--to classic`` wants the publishers stopped)."""
+        queue: one is deleted once seen empty."""
         if quorum:
             counts = self._counts(name)
             if counts is not None and counts[0]:
