@@ -91,7 +91,7 @@ def test_migrating_to_quorum_under_load_loses_no_job_and_sends_none_twice(
     publisher.start()
     try:
         assert sending.wait(30), "the publisher did not get going"
-        refused = postbote(classic, "queues", "migrate", "--to", "quorum")
+        refused = postbote(classic, "queues", "migrate", "--to", "quorum", "--quiet-seconds", "60")
     finally:
         done.set()
         publisher.join(timeout=60)

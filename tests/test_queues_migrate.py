@@ -99,7 +99,7 @@ def test_a_sending_publisher_is_refused_and_loses_nothing(classic_lanes: Setting
     try:
         time.sleep(0.3)
         with pytest.raises(MigrationRefused, match="stop every publisher") as refused:
-            migrate_queues(classic_lanes.broker_url, classic_lanes.queue_prefix, "quorum", quiet_s=0.5)
+            migrate_queues(classic_lanes.broker_url, classic_lanes.queue_prefix, "quorum", quiet_s=60)
         assert documents(classic_lanes) in str(refused.value)
     finally:
         confirmed = publisher.stop()
@@ -132,7 +132,7 @@ def test_the_command_names_the_publishers_and_a_bad_quiet_time(classic_lanes: Se
     publisher = Publisher(classic_lanes, documents(classic_lanes))
     try:
         time.sleep(0.3)
-        refused = postbote(classic_lanes, "queues", "migrate", "--to", "quorum", "--quiet-seconds", "0.5")
+        refused = postbote(classic_lanes, "queues", "migrate", "--to", "quorum", "--quiet-seconds", "60")
     finally:
         publisher.stop()
     assert refused.returncode == 1, refused

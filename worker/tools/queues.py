@@ -28,6 +28,7 @@ still in place.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ from schemas.constants import lane_queues
 MIGRATING_SUFFIX = ".migrating"
 QUIET_S = 3.0
 """How long the queues must receive nothing before the migration starts."""
+_QUIET_POLL_S = 0.25
 
 
 _PUBLISHERS = (
@@ -184,18 +186,20 @@ class _Session:
             )
 
     def await_quiet(self, names: list[str], quiet_s: float) -> None:
-        """Refuse unless none of ``names`` receives a message for ``quiet_s`` seconds."""
+        """Refuse as soon as one of ``names`` receives a message within ``quiet_s`` seconds."""
         before = {name: self._counts(name) for name in names}
-        self.connection.sleep(quiet_s)
-        grew = [
-            f"{name} (+{after[0] - was[0]})"
-            for name, was in before.items()
-            if was is not None and (after := self._counts(name)) is not None and after[0] > was[0]
-        ]
-        if grew:
-            raise MigrationRefused(
-                f"messages arrived within {quiet_s:g} s in {', '.join(grew)}: {_PUBLISHERS}; nothing was changed"
-            )
+        deadline = time.monotonic() + quiet_s
+        while (left := deadline - time.monotonic()) > 0:
+            self.connection.sleep(min(_QUIET_POLL_S, left))
+            grew = [
+                f"{name} (+{after[0] - was[0]})"
+                for name, was in before.items()
+                if was is not None and (after := self._counts(name)) is not None and after[0] > was[0]
+            ]
+            if grew:
+                raise MigrationRefused(
+                    f"messages arrived in {', '.join(grew)}: {_PUBLISHERS}; nothing was changed"
+                )
 
     def migrate(self, name: str, arguments: dict[str, Any], to: QueueType) -> int:
         temporary = name + MIGRATING_SUFFIX
