@@ -68,7 +68,7 @@ def classic_lanes(own_queues: Settings) -> Iterator[Settings]:
     with pika.BlockingConnection(broker_parameters(own_queues.broker_url)) as connection:
         channel = connection.channel()
         for lane in lane_queues(own_queues.queue_prefix):
-            for name in (lane, f"{lane}.DQ", f"{lane}.XQ"):
+            for name, _ in lane_declarations(lane, "classic"):
                 channel.queue_delete(name + MIGRATING_SUFFIX)
 
 

@@ -47,12 +47,16 @@ class RetentionReport:
         return sum(self.counts.values())
 
 
-_JOBS = """
-SELECT job_id FROM deliveries
-WHERE redacted_at IS NULL AND status = ANY(%(final)s)
-  AND created_at < now() - %(days)s * interval '1 day' AND updated_at < now() - %(days)s * interval '1 day'
-ORDER BY created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-"""
+_ENDED_LONG_AGO = (
+    "redacted_at IS NULL AND status = ANY(%(final)s)"
+    " AND created_at < now() - %(days)s * interval '1 day' AND updated_at < now() - %(days)s * interval '1 day'"
+)
+"""Jobs whose data retention removes; ``created_at`` is what the index orders by (it never changes)."""
+
+_JOBS = (
+    f"SELECT job_id FROM deliveries WHERE {_ENDED_LONG_AGO}"
+    " ORDER BY created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+)
 
 _REDACT_JOBS = (
     (
@@ -122,8 +126,7 @@ FROM batch WHERE d.id = batch.id
 """
 
 _COUNTS = {
-    "deliveries": "SELECT count(*) AS n FROM deliveries WHERE redacted_at IS NULL AND status = ANY(%(final)s)"
-    " AND created_at < now() - %(days)s * interval '1 day' AND updated_at < now() - %(days)s * interval '1 day'",
+    "deliveries": f"SELECT count(*) AS n FROM deliveries WHERE {_ENDED_LONG_AGO}",
     "events": "SELECT count(*) AS n FROM events WHERE redacted_at IS NULL"
     " AND occurred_at < now() - %(days)s * interval '1 day'",
     "webhook_deliveries": "SELECT count(*) AS n FROM webhook_deliveries WHERE redacted_at IS NULL"

@@ -209,10 +209,10 @@ class _Session:
         counts = self._counts(name)
         moved = self._move(name, temporary, limit=counts[0] if counts else None)
         if not self._delete_if_empty(name, quorum=to == "classic"):
-            self._give_back(temporary, name, moved, quorum=to == "quorum")
+            self._give_back(temporary, name, moved, to)
             raise MigrationRefused(f"a message arrived in {name} during its migration: {_PUBLISHERS}")
         if not self._declare_or_refused(name, arguments):
-            self._give_back(temporary, name, moved, quorum=to == "quorum")
+            self._give_back(temporary, name, moved, to)
             raise MigrationRefused(
                 f"{name} was declared again with its old type during its migration: {_PUBLISHERS}"
             )
@@ -220,18 +220,24 @@ class _Session:
         # on the old channel fails (541 INTERNAL_ERROR on RabbitMQ 3.10).
         self.channel.close()
         self.channel = self._fresh()
-        back = self._move(temporary, name)
-        if back != moved or not self._delete_if_empty(temporary, quorum=to == "quorum"):
+        if not self._moved_back(temporary, name, moved, to):
             raise MigrationRefused(f"{temporary} is not empty: run the migration again")
         return moved
 
-    def _give_back(self, temporary: str, name: str, moved: int, *, quorum: bool) -> None:
-        """Return the moved messages to ``name`` (still of its old type) and drop ``temporary``."""
-        if self._move(temporary, name) != moved or not self._delete_if_empty(temporary, quorum=quorum):
+    def _give_back(self, temporary: str, name: str, moved: int, to: QueueType) -> None:
+        """Return the moved messages to ``name``, still of its old type, after a refused swap."""
+        if not self._moved_back(temporary, name, moved, to):
             raise MigrationRefused(
                 f"a publisher is still sending to {name}, and {temporary} still holds messages: stop every "
                 "publisher and run the migration again"
             )
+
+    def _moved_back(self, temporary: str, name: str, moved: int, to: QueueType) -> bool:
+        """Move the ``moved`` messages from ``temporary`` (of type ``to``) to ``name`` and delete
+        ``temporary``; False when the counts differ or it is not empty."""
+        return self._move(temporary, name) == moved and self._delete_if_empty(
+            temporary, quorum=to == "quorum"
+        )
 
     def _delete_if_empty(self, name: str, *, quorum: bool = False) -> bool:
         """Delete ``name`` if it holds no message. RabbitMQ does not take ``if_empty`` for a quorum
